@@ -1,0 +1,3 @@
+"""Top-level conftest: thin on purpose, it only loads the harness's pytest plugin."""
+
+pytest_plugins = ["fixtures.plugin"]
