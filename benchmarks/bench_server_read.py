@@ -1,0 +1,127 @@
+"""Sequential 1 GiB reads with ``nbdcopy --no-extents ... null:`` from three servers, same run:
+
+* the reference server (``python -m nbdref serve``, memory backend; once sending zeroes as data like
+  nbdkit does, once with its default sparse OFFSET_HOLE replies),
+* ``nbdkit memory 1G`` (Debian 1.32: a child of this process; it exits with its parent),
+* ``qemu-nbd`` on a 1 GiB raw file in /dev/shm (fallocate'd, so qemu sends data, not holes),
+
+with 1 and 4 connections.  Prints MiB/s, the ratio to nbdkit, and the reference server's peak RSS.
+Run on demand: ``.venv/bin/python benchmarks/bench_server_read.py [--size 1G] [--repeat 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
+
+GiB = 1 << 30
+
+
+def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Ready when a connect succeeds and NBDMAGIC arrives (research/docker-spike.md: readiness)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(path)
+            if s.recv(8) == b"NBDMAGIC":
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} not ready")
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def _server(argv: list[str], sock: str, env: dict[str, str] | None = None):
+    with suppress(FileNotFoundError):
+        os.unlink(sock)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        _wait_socket(sock, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _copy(uri: str, connections: int, size: int) -> float:
+    """Seconds for one nbdcopy of the whole export to null:."""
+    t0 = time.perf_counter()
+    subprocess.run(["nbdcopy", "--no-extents", f"--connections={connections}", uri, "null:"],
+                   check=True, timeout=600)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G", help="export size (default 1G)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per case; the best is kept")
+    ap.add_argument("--connections", default="1,4")
+    args = ap.parse_args(argv)
+    size = int(args.size[:-1]) * {"G": GiB, "M": 1 << 20}[args.size[-1]] if args.size[-1] in "GM" else int(args.size)
+    conns = [int(c) for c in args.connections.split(",")]
+    for tool in ("nbdcopy", "nbdkit", "qemu-nbd"):
+        if not shutil.which(tool):
+            print(f"missing {tool}", file=sys.stderr)
+            return 2
+    work = tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp")
+    image = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else work, f"nbdbench-{os.getpid()}.img")
+    py = [sys.executable, "-m", "nbdref", "serve", "--size", str(size), "--no-transcript", "--threads", "4"]
+    results: dict[tuple[str, int], float] = {}
+    rss: dict[str, int] = {}
+    try:
+        subprocess.run(["fallocate", "-l", str(size), image], check=True)
+        servers: list[tuple[str, list[str], Callable[[str], str]]] = [
+            ("nbdkit memory", ["nbdkit", "-f", "-U", "{sock}", "memory", str(size)], lambda s: f"nbd+unix:///?socket={s}"),
+            ("qemu-nbd", ["qemu-nbd", "-k", "{sock}", "-f", "raw", "-r", "--shared=8", "--persistent", "-x", "", image],
+             lambda s: f"nbd+unix:///?socket={s}"),
+            ("nbdref (data)", [*py, "--persona", "nbdkit-1.32", "--unix", "{sock}"], lambda s: f"nbd+unix:///?socket={s}"),
+            ("nbdref (holes)", [*py, "--unix", "{sock}"], lambda s: f"nbd+unix:///?socket={s}"),
+        ]
+        for name, template, uri_of in servers:
+            sock = os.path.join(work, "s.sock")
+            argv_ = [a.replace("{sock}", sock) for a in template]
+            with _server(argv_, sock) as proc:
+                for c in conns:
+                    best = min(_copy(uri_of(sock), c, size) for _ in range(args.repeat))
+                    results[(name, c)] = best
+                if name.startswith("nbdref"):
+                    rss[name] = _peak_rss_kib(proc.pid)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(image)
+        shutil.rmtree(work, ignore_errors=True)
+    mib = size / (1 << 20)
+    print(f"sequential read of {mib:.0f} MiB with nbdcopy --no-extents to null: (best of {args.repeat})")
+    print(f"{'server':16} {'conns':>5} {'MiB/s':>8} {'vs nbdkit':>9}")
+    for (name, c), secs in results.items():
+        ratio = (mib / secs) / (mib / results[("nbdkit memory", c)])
+        print(f"{name:16} {c:5d} {mib / secs:8.0f} {ratio:9.2f}")
+    for name, kib in rss.items():
+        print(f"peak RSS of {name}: {kib / 1024:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Where a broken rule becomes an exception or a Violation: the one conversion point.
+
+``Checker`` is a mixin of ``Connection`` (its attributes are set up there): ``_check`` holds the
+message being processed (``_sender``, ``_raw``) to the rules binding its sender's role.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from . import _events as ev
+from . import _wire as w
+from . import requirements as _req
+from ._constants import (
+    STRING_MAX,
+    STRING_RECOMMENDED_MAX,
+    Cmd,
+    ReplyType,
+)
+from ._errors import LocalProtocolError, RemoteProtocolError, Violation
+from ._state import State
+
+_KNOWN_CMDS = frozenset(int(c) for c in Cmd)
+_KNOWN_REPLY_TYPES = frozenset(int(t) for t in ReplyType)
+_DATA_CAP = 64  # bytes of offending data kept in a Violation
+
+
+def _cmd(cmd: int) -> str:
+    try:
+        return "NBD_CMD_" + Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd}"
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(slots=True)
+class _Reply:
+    """Bookkeeping of one request in flight: what its reply has covered so far."""
+
+    request: ev.Request
+    view: memoryview | None = None  # request.read_buffer as a byte view
+    chunks: int = 0
+    content_chunks: int = 0
+    covered: list[tuple[int, int]] = field(default_factory=list)  # sorted, non-overlapping [start, end)
+    covered_bytes: int = 0
+    error: int = 0
+    contexts: set[int] = field(default_factory=set)
+    plain_errors: int = 0  # NBD_REPLY_TYPE_ERROR chunks seen
+    error_offsets: list[int] = field(default_factory=list)  # offsets of ERROR_OFFSET chunks seen
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_left(self.covered, (start, start))
+        if i < len(self.covered) and self.covered[i][0] < end:
+            return True
+        return i > 0 and self.covered[i - 1][1] > start
+
+    def cover(self, start: int, end: int) -> None:
+        bisect.insort(self.covered, (start, end))
+        self.covered_bytes += end - start
+
+
+class Checker:
+    """Mixin: rule checks and the conversion of breaches (attributes come from Connection)."""
+
+    def _check(self, ok: object, req_id: str, message: str, *, fatal: bool = False) -> bool:
+        """Enforce one catalogued rule on the message being processed; True when it holds.
+
+        On our own message a breach raises LocalProtocolError (unless local checks are off); on the
+        peer's it records a Violation, raised later if its level is fatal or ``fatal`` (the stream
+        cannot be parsed on).
+        """
+        if ok or not self.strictness.enabled(req_id):
+            return True
+        r = _req.get(req_id)
+        v = Violation(
+            req_id=req_id,
+            level=r.level,
+            binds=r.binds,
+            message=message,
+            data=self._raw[:_DATA_CAP],
+            direction=self._sender.value,
+        )
+        if self._sender is self.role:
+            # Our own breach: refused when its level is fatal, otherwise only noted (a SHOULD we skip).
+            if self.strictness.check_local and self.strictness.is_fatal(v.level):
+                raise LocalProtocolError(f"{req_id}: {message}", violation=v)
+            self.transcript.note("!", "local", f"sent anyway: {v}")
+            return False
+        self._found.append(v)
+        if fatal:
+            self._fatal_ids.add(id(v))
+        return False
+
+    def _string(self, s: str, what: str) -> None:
+        """General string rules (Conventions): UTF-8, no NUL, at most 4096 bytes (256 recommended)."""
+        b = w.enc_str(s)
+        self._check(len(b) <= STRING_MAX, "GEN-003", f"{what} is {len(b)} bytes, more than 4096")
+        self._check(b"\0" not in b, "GEN-001", f"{what} contains a NUL byte")
+        self._check(w.is_valid_utf8(s), "GEN-001", f"{what} is not valid UTF-8")
+        self._check(len(b) <= STRING_RECOMMENDED_MAX, "GEN-002", f"{what} is {len(b)} bytes, more than 256")
+
+    def _record_violations(self) -> None:
+        fatal = None
+        for v in self._found:
+            self.violations.append(v)
+            self.transcript.note("!", "violation", str(v), len(v.data))
+            if fatal is None and (id(v) in self._fatal_ids or self.strictness.is_fatal(v.level)):
+                fatal = v
+        self._found = []
+        if fatal is not None:
+            self._state = State.ERROR
+            raise RemoteProtocolError(f"{fatal.req_id}: {fatal.message}", violation=fatal)
+
+    def _violation_now(self, req_id: str, message: str, raw: bytes, *, fatal: bool = False) -> None:
+        """A peer breach found while parsing, before any event exists."""
+        self._sender, self._raw = self.peer, raw
+        self._found, self._fatal_ids = [], set()
+        self._check(False, req_id, message, fatal=fatal)
+        if self._found:
+            self._record_violations()
+
+    def _fail(self, message: str) -> RemoteProtocolError:
+        """The peer's bytes cannot be parsed on and no catalogued rule names the fault."""
+        self._state = State.ERROR
+        self.transcript.note("!", "error", message)
+        return RemoteProtocolError(message)

@@ -1,0 +1,363 @@
+"""The sans-I/O NBD connection: one state machine that observes both directions.
+
+The machine does not care which role *we* play: every message, sent or received, goes through
+``_process(sender, event, raw)``, which looks it up in the transition table (``_state``), checks it
+against the rules that bind the *sender's* role (``_negotiation`` / ``_transmission``) and then moves
+the state. A failed check on our own message raises ``LocalProtocolError`` (nothing is sent); on the
+peer's message it becomes a ``Violation`` (fatal ones raise ``RemoteProtocolError``); ``_checker`` is
+the one place where that conversion happens. ``_parse`` turns the peer's bytes into events.
+"""
+
+from __future__ import annotations
+
+from . import _events as ev
+from . import _wire as w
+from ._buffer import ReceiveBuffer
+from ._checker import _DATA_CAP, _Reply
+from ._constants import (
+    ClientFlag,
+    Cmd,
+    HandshakeFlag,
+    Opt,
+    ReplyFlag,
+    ReplyType,
+)
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Violation
+from ._negotiation import NegotiationRules
+from ._parse import Parsers
+from ._state import ACK_TRANSITIONS, CLIENT, NEED_DATA, SERVER, TRANSITIONS, Role, State, _NeedData
+from ._strict import Strictness
+from ._transcript import Transcript
+from ._transmission import TransmissionRules
+
+__all__ = ["ACK_TRANSITIONS", "NEED_DATA", "TRANSITIONS", "Connection", "Role", "State"]
+
+
+class Connection(NegotiationRules, TransmissionRules, Parsers):
+    """Shared implementation of ClientConnection / ServerConnection (see ``connection.py``)."""
+
+    def __init__(
+        self,
+        role: Role,
+        strictness: Strictness | None = None,
+        transcript: Transcript | None = None,
+    ) -> None:
+        self.role = role
+        self.peer = SERVER if role is CLIENT else CLIENT
+        self.strictness = strictness or Strictness()
+        self.transcript = transcript if transcript is not None else Transcript()
+        self.violations: list[Violation] = []
+        self._state = State.GREETING
+        self._buf = ReceiveBuffer()
+        self._eof = False
+        self._queue: list[ev.Event] = []
+        self._want = 0  # bytes the parser waits for (get_buffer sizehint)
+        # Zero-copy sink: READ data landing in a caller's buffer.
+        self._sink: memoryview | None = None
+        self._sink_left = 0
+        self._sink_event: ev.Event | None = None
+        self._sink_handed = False
+        self._trailing = bytearray()
+        # Negotiated state.
+        self.handshake_flags: int | None = None
+        self.client_flags: int | None = None
+        self.oldstyle = False
+        self.structured_replies = False
+        self.extended_headers = False
+        self.tls_negotiated = False
+        self.meta_contexts: dict[int, str] = {}
+        self.export_name: str | None = None
+        self.export_size: int | None = None
+        self.transmission_flags: int | None = None
+        self.block_size: tuple[int, int, int] | None = None
+        self._block_size_requested = False
+        # Option phase.
+        self._pending: ev.Option | None = None
+        self._pending_infos: list[ev.RepInfo] = []
+        self._pending_contexts: dict[int, str] = {}
+        self._sent_state_options: set[int] = set()
+        self._meta_export: str | None = None
+        # Transmission phase.
+        self._inflight: dict[int, _Reply] = {}
+        self._next_cookie = 1
+        self._sender: Role = role
+        self._raw: bytes = b""
+        self._found: list[Violation] = []
+        self._fatal_ids: set[int] = set()
+        self._sink_raw: tuple[int, bytes] = (0, b"")
+        self._zeroes_suspect = ""  # requirement id if zero padding would break a rule right now
+        self._shutdown_seen = False
+        self._last_info: tuple | None = None  # (name, info, RepInfoExport) of the last successful INFO
+        self._options_since_info = 0  # NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN received from the server
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def in_flight(self) -> dict[int, ev.Request]:
+        return {c: r.request for c, r in self._inflight.items()}
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received after the STARTTLS ACK: they belong to the TLS layer."""
+        return bytes(self._trailing)
+
+    @property
+    def no_zeroes(self) -> bool:
+        """Both sides agreed to omit the 124 zero bytes after NBD_OPT_EXPORT_NAME."""
+        return bool(
+            (self.handshake_flags or 0) & HandshakeFlag.NO_ZEROES and (self.client_flags or 0) & ClientFlag.NO_ZEROES
+        )
+
+    @property
+    def pending_option(self) -> ev.Option | None:
+        """The option whose final reply has not been seen yet."""
+        return self._pending
+
+    def next_cookie(self) -> int:
+        """A cookie not in flight (CMD-001), for drivers that do not choose their own."""
+        while self._next_cookie in self._inflight:
+            self._next_cookie += 1
+        c = self._next_cookie
+        self._next_cookie = (c + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        return c
+
+    # ------------------------------------------------------------------ the state machine
+    def _next_state(self, sender: Role, e: ev.Event) -> State:
+        row = TRANSITIONS.get((self._state, sender), {})
+        for cls in type(e).__mro__:
+            if cls in row:
+                target = row[cls]
+                break
+        else:
+            raise ProtocolError(
+                f"{type(e).__name__} from the {sender.name.lower()} is not allowed in state {self._state.name}"
+            )
+        if isinstance(e, ev.RepAck) and self._pending is not None:
+            target = ACK_TRANSITIONS.get(self._pending.option, target)
+        if isinstance(e, ev.Request) and e.command == Cmd.DISC:
+            target = State.DISCONNECTING
+        return target
+
+    def _process(self, sender: Role, e: ev.Event, raw: bytes) -> None:
+        """Check ``e`` against the rules binding ``sender`` and apply its effects."""
+        self._sender, self._raw = sender, raw
+        self._found = []
+        self._fatal_ids = set()
+        try:
+            target = self._next_state(sender, e)
+        except ProtocolError as exc:
+            if sender is self.role:
+                raise LocalProtocolError(str(exc)) from None
+            raise RemoteProtocolError(str(exc)) from None
+        handler = self._HANDLERS.get(type(e))
+        if handler is None:
+            for cls in type(e).__mro__:
+                handler = self._HANDLERS.get(cls)
+                if handler is not None:
+                    break
+        if handler is not None:
+            handler(self, e)  # checks first (may raise LocalProtocolError), then effects
+        if self._found:
+            self._record_violations()
+        if self._state is not State.ERROR:
+            self._state = target
+
+    _HANDLERS = {
+        ev.NewstyleGreeting: NegotiationRules._on_newstyle,
+        ev.OldstyleGreeting: NegotiationRules._on_oldstyle,
+        ev.ClientFlags: NegotiationRules._on_client_flags,
+        ev.Option: NegotiationRules._on_option,
+        ev.OptionReply: NegotiationRules._on_option_reply,
+        ev.ExportNameReply: NegotiationRules._on_export_name_reply,
+        ev.Request: TransmissionRules._on_request,
+        ev.SimpleReply: TransmissionRules._on_simple_reply,
+        ev.Chunk: TransmissionRules._on_chunk,
+    }
+
+    # ------------------------------------------------------------------ sending
+    def send(self, event: ev.Event) -> bytes:
+        """Encode a message we send, check it against our role's rules and advance the state."""
+        parts = self.send_iov(event)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def send_iov(self, event: ev.Event) -> list[bytes | memoryview]:
+        """Like send(), but a WRITE / READ payload is returned as its own buffer (no copy)."""
+        if self._state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self._state.name}")
+        parts = self._encode(event)
+        nbytes = sum(len(p) for p in parts)
+        self._process(self.role, event, bytes(parts[0][:_DATA_CAP]))
+        self.transcript.record(self.role.value, event, nbytes)
+        return parts
+
+    def send_raw(self, data: bytes) -> bytes:
+        """Arbitrary bytes for fault injection: recorded as raw, the state does not move."""
+        self.transcript.note(self.role.value, "raw", f"raw {len(data)} bytes {bytes(data[:16]).hex()}", len(data))
+        return bytes(data)
+
+    def _encode(self, e: ev.Event) -> list[bytes | memoryview]:
+        if isinstance(e, ev.Request):
+            payload = e.payload if e.payload is not None else b""
+            head = w.encode_request_header(e, self.extended_headers, len(payload))
+            return [head, payload] if len(payload) else [head]
+        if isinstance(e, ev.SimpleReply):
+            head = w.encode_simple_reply_header(e.cookie, e.error)
+            return [head, e.data] if e.data is not None and len(e.data) else [head]
+        if isinstance(e, ev.Chunk):
+            reply = self._inflight.get(e.cookie)
+            hdr_offset = reply.request.offset if reply is not None else 0
+            flags = ReplyFlag.DONE if e.done else 0
+            ext = self.extended_headers
+            if isinstance(e, ev.OffsetData):
+                data = e.data if e.data is not None else b""
+                length = len(data) + 8
+                head = w.encode_chunk_header(flags, ReplyType.OFFSET_DATA, e.cookie, length, ext, hdr_offset)
+                head += w.OFFSET.pack(e.offset)
+                return [head, data] if len(data) else [head]
+            bs_ext = self._extended_bs(e)
+            payload = w.chunk_payload(e, bs_ext)
+            head = w.encode_chunk_header(flags, w.chunk_type(e, bs_ext), e.cookie, len(payload), ext, hdr_offset)
+            return [head + payload]
+        if isinstance(e, ev.Option):
+            return [w.encode_option(e)]
+        if isinstance(e, ev.OptionReply):
+            return [w.encode_option_reply(e)]
+        if isinstance(e, ev.NewstyleGreeting):
+            return [w.encode_newstyle_greeting(e)]
+        if isinstance(e, ev.OldstyleGreeting):
+            return [w.encode_oldstyle_greeting(e)]
+        if isinstance(e, ev.ClientFlags):
+            return [w.encode_client_flags(e)]
+        if isinstance(e, ev.ExportNameReply):
+            zeroes = (not self.no_zeroes) if e.zeroes is None else e.zeroes
+            return [w.encode_export_name_reply(e, zeroes)]
+        raise LocalProtocolError(f"{type(e).__name__} is not a message that can be sent")
+
+    # ------------------------------------------------------------------ receiving
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the peer; ``b""`` means EOF."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise ProtocolError("receive_data after EOF")
+        if self._state is State.TLS_HANDSHAKE:
+            self._trailing += data
+            return
+        if self._sink is not None and self._sink_left and not len(self._buf):
+            n = min(len(data), self._sink_left)
+            off = len(self._sink) - self._sink_left
+            self._sink[off : off + n] = memoryview(data)[:n]
+            self._sink_left -= n
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        self._buf.feed(data)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable memory for the next bytes from the peer (``recv_into`` it, then buffer_updated).
+
+        While the payload of a READ reply with a ``read_buffer`` is arriving, this is the right slice
+        of that buffer, so the data lands in place.
+        """
+        if self._sink is not None and self._sink_left and not len(self._buf):
+            self._sink_handed = True
+            off = len(self._sink) - self._sink_left
+            return self._sink[off:]
+        self._sink_handed = False
+        need = max(sizehint, self._want - len(self._buf), 0)
+        return self._buf.get_buffer(need or -1)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` arrived in the memory returned by the last get_buffer(); 0 means EOF."""
+        if nbytes == 0:
+            self._eof = True
+            return
+        if self._sink_handed:
+            if nbytes > self._sink_left:
+                raise ValueError("buffer_updated beyond the slice handed out")
+            self._sink_left -= nbytes
+            return
+        self._buf.buffer_updated(nbytes)
+        if self._state is State.TLS_HANDSHAKE:
+            self._trailing += self._buf.take_all()
+
+    def tls_established(self) -> None:
+        """The TLS handshake is done: negotiation restarts in OPTIONS over the TLS channel.
+
+        "the server MUST forget all earlier negotiation state" (TLS-054, EXT-015).
+        """
+        if self._state is not State.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_established() in state {self._state.name}")
+        self._state = State.OPTIONS
+        self.tls_negotiated = True
+        self.structured_replies = self.extended_headers = False
+        self.meta_contexts = {}
+        self._meta_export = None
+        self._sent_state_options.clear()
+        self._trailing = bytearray()
+        self._buf = ReceiveBuffer()
+
+    def next_event(self) -> ev.Event | _NeedData:
+        """The next event decoded from the peer's bytes, or NEED_DATA."""
+        if self._queue:
+            return self._queue.pop(0)
+        if self._state is State.ERROR:
+            raise RemoteProtocolError("the connection is in state ERROR")
+        if self._state is State.CLOSED:
+            return ev.ConnectionClosed()
+        if self._state is State.TLS_HANDSHAKE:
+            if len(self._buf):
+                self._trailing += self._buf.take_all()
+            return self._closed() if self._eof else NEED_DATA
+        try:
+            e = self._parse_from_server() if self.role is CLIENT else self._parse_from_client()
+        except w.WireError as exc:  # pragma: no cover - parsers convert these themselves
+            raise self._fail(str(exc)) from None
+        if e is NEED_DATA:
+            if self._eof:
+                return self._closed()
+            return NEED_DATA
+        return e
+
+    def _closed(self) -> ev.Event:
+        """EOF from the peer: check what it left unfinished, then close."""
+        self._sender, self._raw = self.peer, self._buf.peek(_DATA_CAP)
+        self._found, self._fatal_ids = [], set()
+        if len(self._buf) or self._sink_left:
+            self.transcript.note("!", "truncated", f"EOF inside a message ({len(self._buf)} bytes pending)")
+        if self.role is CLIENT and self._state in (State.TRANSMISSION, State.DISCONNECTING) and self._inflight:
+            partial = [r for r in self._inflight.values() if r.chunks]
+            if partial:
+                # "NBD_REPLY_FLAG_DONE MUST be set on the final chunk" (SR-023)
+                self._check(False, "SR-023", f"EOF before the final chunk of cookie {partial[0].request.cookie}")
+            elif self._state is State.DISCONNECTING:
+                # "the server MUST finish all outstanding requests" before closing (DISC-025)
+                self._check(False, "DISC-025", f"EOF with {len(self._inflight)} requests unanswered")
+            else:
+                # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
+                self._check(False, "DISC-024", f"EOF with {len(self._inflight)} requests in flight")
+        elif self.role is CLIENT and self._state is State.OPTIONS:
+            # The server may close after an unsatisfiable NBD_OPT_EXPORT_NAME (OPT-001) or NBD_OPT_ABORT
+            # (OPT-014); "No party may hard-disconnect during haggling" otherwise (DISC-006).
+            pending = self._pending.option if self._pending is not None else None
+            if pending not in (Opt.EXPORT_NAME, Opt.ABORT):
+                self._check(False, "DISC-006", f"server closed during option haggling (pending {pending})")
+        elif self.role is SERVER and self._state is State.OPTIONS and self._pending is None:
+            # "Outside those circumstances a client must not hard-disconnect" (DISC-007)
+            self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
+        elif self.role is SERVER and self._state is State.TRANSMISSION:
+            # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
+            self._check(False, "DISC-024", "client closed without NBD_CMD_DISC")
+        for v in self._found:
+            self.violations.append(v)
+            self.transcript.note("!", "violation", str(v), len(v.data))
+        self._found = []
+        self._state = State.CLOSED
+        self.transcript.note(self.peer.value, "eof", "EOF")
+        return ev.ConnectionClosed()
+
+    # -- helpers for the parsers

@@ -1,0 +1,344 @@
+"""Byte parsers: turn the peer's bytes into events, one message at a time.
+
+``Parsers`` is a mixin of ``Connection``: it decides from the state which message the peer may send
+next, waits for enough bytes (NEED_DATA), catches what cannot be framed (``_fail``) and hands each
+decoded message to ``_receive``, which runs the shared checks. READ data goes through the sink, so
+it lands in the caller's buffer without a copy.
+"""
+
+from __future__ import annotations
+
+from . import _events as ev
+from . import _wire as w
+from ._checker import _DATA_CAP, _KNOWN_CMDS, Checker, _Reply
+from ._constants import (
+    REP_FLAG_ERROR,
+    Cmd,
+    CmdFlag,
+    Magic,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+)
+from ._state import NEED_DATA, State, _NeedData
+
+
+class Parsers(Checker):
+    """Mixin: parsing of both directions (attributes come from Connection)."""
+
+    def _have(self, n: int) -> bool:
+        if len(self._buf) >= n:
+            self._want = 0
+            return True
+        self._want = n
+        return False
+
+    def _receive(self, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event:
+        """Run the shared checks/effects on a decoded peer message and record it."""
+        self.transcript.record(self.peer.value, e, nbytes)
+        self._process(self.peer, e, raw)
+        return e
+
+    # -- bytes from the server
+    def _parse_from_server(self) -> ev.Event | _NeedData:
+        st = self._state
+        buf = self._buf
+        if self._sink is not None:
+            return self._drain_sink()
+        if st is State.GREETING:
+            if not self._have(16):
+                return NEED_DATA
+            m1, m2 = buf.unpack(w.GREETING_MAGICS)
+            if m1 != Magic.NBDMAGIC:
+                raise self._fail(f"greeting starts with {m1:#018x}, not NBDMAGIC")
+            if m2 == Magic.IHAVEOPT:
+                if not self._have(w.NEWSTYLE_GREETING.size):
+                    return NEED_DATA
+                raw = buf.take(w.NEWSTYLE_GREETING.size)
+                (flags,) = w.HANDSHAKE_FLAGS.unpack_from(raw, 16)
+                return self._receive(ev.NewstyleGreeting(flags=flags), len(raw), raw)
+            if m2 == Magic.CLISERV:
+                if not self._have(w.OLDSTYLE_GREETING.size):
+                    return NEED_DATA
+                raw = buf.take(w.OLDSTYLE_GREETING.size)
+                return self._receive(w.decode_oldstyle_rest(raw[16:]), len(raw), raw)
+            raise self._fail(f"second greeting magic {m2:#018x} is neither IHAVEOPT nor cliserv_magic")
+        if st is State.OPTIONS:
+            if self._pending is None:
+                if len(buf):
+                    raise self._fail(f"{len(buf)} bytes from the server while no option is pending")
+                return NEED_DATA
+            if isinstance(self._pending, ev.OptExportName):
+                return self._parse_export_name_reply()
+            return self._parse_option_reply()
+        if st in (State.TRANSMISSION, State.DISCONNECTING):
+            return self._parse_reply()
+        if len(buf) and st is State.CLIENT_FLAGS:
+            raise self._fail("server sent data before the client flags")
+        return NEED_DATA
+
+    def _parse_export_name_reply(self) -> ev.Event | _NeedData:
+        size = w.EXPORT_NAME_REPLY.size if self.no_zeroes else w.EXPORT_NAME_REPLY_ZEROES.size
+        if not self._have(size):
+            return NEED_DATA
+        raw = self._buf.take(size)
+        export_size, flags = w.EXPORT_NAME_REPLY.unpack_from(raw)
+        e = ev.ExportNameReply(export_size=export_size, transmission_flags=flags, zeroes=size > 10)
+        # Stray zero padding would show up as a zero reply magic.
+        self._zeroes_suspect = "HS-009" if size == 10 else ""
+        return self._receive(e, size, raw)
+
+    def _parse_option_reply(self) -> ev.Event | _NeedData:
+        hdr = w.OPTION_REPLY_HEADER
+        if not self._have(hdr.size):
+            return NEED_DATA
+        magic, option, rtype, length = self._buf.unpack(hdr)
+        if magic != Magic.OPT_REPLY:
+            raise self._fail(f"option reply magic {magic:#x} is not {Magic.OPT_REPLY:#x}")
+        if length > self.strictness.max_option_length:
+            head = self._buf.peek(hdr.size)
+            if rtype & REP_FLAG_ERROR or rtype in (Rep.SERVER, Rep.META_CONTEXT, Rep.INFO):
+                # An over-long reply of a string-carrying type breaks the 4096-byte string limit.
+                self._violation_now("GEN-003", f"option reply of {length} bytes (strings max 4096)", head, fatal=True)
+            raise self._fail(f"option reply of {length} bytes exceeds the {self.strictness.max_option_length} cap")
+        if not self._have(hdr.size + length):
+            return NEED_DATA
+        raw = self._buf.take(hdr.size + length)
+        try:
+            e = w.decode_option_reply(option, rtype, raw[hdr.size :])
+        except w.WireError as exc:
+            if exc.req_id:
+                self._violation_now(exc.req_id, str(exc), raw, fatal=False)
+            e = ev.RepUnknown(option=option, reply_type=rtype, data=raw[hdr.size :])
+            if not exc.req_id:
+                raise self._fail(str(exc)) from None
+        return self._receive(e, len(raw), raw)
+
+    def _parse_reply(self) -> ev.Event | _NeedData:
+        buf = self._buf
+        if not self._have(4):
+            return NEED_DATA
+        (magic,) = buf.unpack(w.REPLY_MAGIC)
+        if magic == 0 and self._zeroes_suspect:
+            # "the server MUST NOT send the 124 bytes of zeroes" after NO_ZEROES was agreed (HS-009);
+            # "MUST NOT send zero padding after the NBD_REP_ACK to NBD_OPT_GO" (GO-025)
+            self._violation_now(self._zeroes_suspect, "zero padding before the first reply", buf.peek(64), fatal=True)
+        self._zeroes_suspect = ""
+        if magic == Magic.SIMPLE_REPLY:
+            return self._parse_simple_reply()
+        if magic == Magic.STRUCTURED_REPLY:
+            if not self._have(w.STRUCTURED_CHUNK.size):
+                return NEED_DATA
+            _, flags, rtype, cookie, length = buf.unpack(w.STRUCTURED_CHUNK)
+            if self.extended_headers:
+                # "With extended headers every reply must be an extended reply chunk" (EXT-006)
+                self._violation_now("EXT-006", "compact structured chunk after extended headers", buf.peek(20))
+            return self._parse_chunk(w.STRUCTURED_CHUNK.size, flags, rtype, cookie, length, None)
+        if magic == Magic.EXTENDED_REPLY:
+            if not self._have(w.EXTENDED_CHUNK.size):
+                return NEED_DATA
+            _, flags, rtype, cookie, offset, length = buf.unpack(w.EXTENDED_CHUNK)
+            if not self.extended_headers:
+                req = "EXT-051" if self.structured_replies else "SR-001"
+                self._violation_now(req, "extended reply chunk without extended headers", buf.peek(32))
+            return self._parse_chunk(w.EXTENDED_CHUNK.size, flags, rtype, cookie, length, offset)
+        raise self._fail(f"reply magic {magic:#010x} is not a known reply magic")
+
+    def _parse_simple_reply(self) -> ev.Event | _NeedData:
+        buf = self._buf
+        if not self._have(w.SIMPLE_REPLY.size):
+            return NEED_DATA
+        _, error, cookie = buf.unpack(w.SIMPLE_REPLY)
+        reply = self._inflight.get(cookie)
+        if reply is None:
+            # The length of what follows depends on the request: without it the stream is lost.
+            self._violation_now("CMD-003", f"simple reply for cookie {cookie}, not in flight", buf.peek(16), fatal=True)
+            raise self._fail(f"simple reply for unknown cookie {cookie}")
+        req = reply.request
+        if req.command != Cmd.READ or error != 0:
+            raw = buf.take(w.SIMPLE_REPLY.size)
+            return self._receive(ev.SimpleReply(cookie=cookie, error=error), len(raw), raw)
+        length = req.length
+        if reply.view is not None:
+            raw = buf.take(w.SIMPLE_REPLY.size)
+            e = ev.SimpleReply(cookie=cookie, error=0, data=None, in_place=True)
+            return self._start_sink(reply.view[:length], e, w.SIMPLE_REPLY.size + length, raw)
+        if length > self.strictness.max_payload:
+            raise self._fail(f"READ of {length} bytes without read_buffer exceeds the buffering cap")
+        if not self._have(w.SIMPLE_REPLY.size + length):
+            return NEED_DATA
+        raw = buf.take(w.SIMPLE_REPLY.size)
+        data = buf.take(length)
+        return self._receive(ev.SimpleReply(cookie=cookie, error=0, data=data), len(raw) + length, raw)
+
+    def _start_sink(self, target: memoryview, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
+        """Run the checks for ``e`` now, then deliver its payload straight into ``target``."""
+        self._sink_raw = (nbytes, raw)
+        self._sink = target
+        self._sink_left = len(target)
+        self._sink_event = e
+        return self._drain_sink()
+
+    def _drain_sink(self) -> ev.Event | _NeedData:
+        assert self._sink is not None
+        if self._sink_left and len(self._buf):
+            off = len(self._sink) - self._sink_left
+            self._sink_left -= self._buf.copy_into(self._sink[off:], self._sink_left)
+        if self._sink_left:
+            self._want = 0
+            return NEED_DATA
+        e, (nbytes, raw) = self._sink_event, self._sink_raw
+        self._sink = self._sink_event = None
+        self._sink_handed = False
+        assert e is not None
+        return self._receive(e, nbytes, raw)
+
+    def _parse_chunk(
+        self, hsize: int, flags: int, rtype: int, cookie: int, length: int, hdr_offset: int | None
+    ) -> ev.Event | _NeedData:
+        buf = self._buf
+        head = buf.peek(hsize)
+        reply = self._inflight.get(cookie)
+        if reply is None:
+            self._violation_now("CMD-003", f"chunk for cookie {cookie}, which is not in flight", head, fatal=True)
+            raise self._fail(f"chunk for unknown cookie {cookie}")
+        req = reply.request
+        # "The extended reply's offset field MUST equal the request offset" (EXT-007)
+        if hdr_offset is not None and hdr_offset != req.offset:
+                self._violation_now("EXT-007", f"header offset {hdr_offset} != request offset {req.offset}", head)
+        done = bool(flags & ReplyFlag.DONE)
+        if rtype == ReplyType.OFFSET_DATA and req.command == Cmd.READ:
+            return self._parse_offset_data(hsize, cookie, done, length, reply, head)
+        if length > self.strictness.max_payload:
+            raise self._fail(f"chunk of {length} bytes exceeds the {self.strictness.max_payload}-byte cap")
+        if not self._have(hsize + length):
+            return NEED_DATA
+        buf.skip(hsize)
+        payload = buf.take(length)
+        raw = head + payload[: _DATA_CAP - len(head)]
+        try:
+            e = w.decode_chunk(cookie, flags, rtype, payload)
+        except w.WireError as exc:
+            # Inconsistent chunk contents: "the client must hard-disconnect" (SR-053) unless the
+            # check is off or its level is not fatal; then the chunk goes on as UnknownChunk.
+            self._violation_now(exc.req_id or "SR-053", str(exc), raw)
+            e = ev.UnknownChunk(cookie=cookie, done=done, reply_type=rtype, data=payload)
+        return self._receive(e, hsize + length, raw)
+
+    def _parse_offset_data(
+        self, hsize: int, cookie: int, done: bool, length: int, reply: _Reply, head: bytes
+    ) -> ev.Event | _NeedData:
+        buf = self._buf
+        req = reply.request
+        if length < 9:
+            # "length MUST be at least 9" (SR-031): framing is intact, but nothing to deliver
+            self._violation_now("SR-031", f"NBD_REPLY_TYPE_OFFSET_DATA with length {length}", head)
+            if not self._have(hsize + length):
+                return NEED_DATA
+            buf.skip(hsize)
+            payload = buf.take(length)
+            return self._receive(ev.UnknownChunk(cookie=cookie, done=done, reply_type=1, data=payload), hsize + length, head)
+        if not self._have(hsize + 8):
+            return NEED_DATA
+        buf.skip(hsize)
+        (offset,) = buf.unpack(w.OFFSET)
+        buf.skip(8)
+        n = length - 8
+        raw = head + w.OFFSET.pack(offset)
+        inside = req.offset <= offset and offset + n <= req.offset + req.length
+        if not inside:
+            # Checked here, before any byte is delivered, so data never lands outside read_buffer.
+            self._violation_now("SR-032", f"data {offset}+{n} outside request {req.offset}+{req.length}", raw)
+        if reply.view is not None and inside:
+            e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=None, length=n, in_place=True)
+            start = offset - req.offset
+            return self._start_sink(reply.view[start : start + n], e, hsize + length, raw)
+        if n > self.strictness.max_payload:
+            raise self._fail(f"OFFSET_DATA of {n} bytes exceeds the buffering cap")
+        # Small leftover or no read_buffer: collect the bytes (the parser state must survive NEED_DATA).
+        tmp = bytearray(n)
+        e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=tmp, length=n)
+        return self._start_sink(memoryview(tmp), e, hsize + length, raw)
+
+    # -- bytes from the client
+    def _parse_from_client(self) -> ev.Event | _NeedData:
+        st = self._state
+        buf = self._buf
+        if st is State.CLIENT_FLAGS:
+            if not self._have(4):
+                return NEED_DATA
+            raw = buf.take(4)
+            (flags,) = w.CLIENT_FLAGS.unpack(raw)
+            return self._receive(ev.ClientFlags(flags=flags), 4, raw)
+        if st is State.OPTIONS:
+            return self._parse_option()
+        if st is State.TRANSMISSION:
+            return self._parse_request()
+        if st is State.DISCONNECTING and len(buf):
+            # "The client MUST NOT send anything after NBD_CMD_DISC" (DISC-026)
+            raw = buf.take_all()
+            self._violation_now("DISC-026", f"{len(raw)} bytes after NBD_CMD_DISC", raw, fatal=False)
+            return NEED_DATA
+        return NEED_DATA
+
+    def _parse_option(self) -> ev.Event | _NeedData:
+        buf = self._buf
+        hdr = w.OPTION_HEADER
+        if not self._have(hdr.size):
+            return NEED_DATA
+        magic, option, length = buf.unpack(hdr)
+        if magic != Magic.IHAVEOPT:
+            raise self._fail(f"option magic {magic:#018x} is not IHAVEOPT")
+        if length > self.strictness.max_option_length:
+            # BSZ-023: either side may hard-disconnect on a payload large enough to be a denial of service.
+            raise self._fail(f"option {option} with {length} bytes exceeds the {self.strictness.max_option_length} cap")
+        if not self._have(hdr.size + length):
+            return NEED_DATA
+        raw = buf.take(hdr.size + length)
+        data = raw[hdr.size :]
+        try:
+            e = w.decode_option(option, data)
+        except w.WireError as exc:
+            self._violation_now(exc.req_id or "BS-028", str(exc), raw, fatal=False)
+            e = ev.OptUnknown(option=option, data=data, reason=str(exc))
+        return self._receive(e, len(raw), raw)
+
+    def _parse_request(self) -> ev.Event | _NeedData:
+        buf = self._buf
+        if not self._have(4):
+            return NEED_DATA
+        (magic,) = buf.unpack(w.REPLY_MAGIC)
+        if magic == Magic.REQUEST:
+            if self.extended_headers:
+                # "After NBD_REP_ACK the client must use 32-byte extended request headers" (EXT-037)
+                self._violation_now("EXT-037", "compact request after extended headers", buf.peek(28))
+            layout = w.REQUEST
+        elif magic == Magic.EXTENDED_REQUEST:
+            if not self.extended_headers:
+                raise self._fail("extended request header without extended headers negotiated")
+            layout = w.EXTENDED_REQUEST
+        else:
+            raise self._fail(f"request magic {magic:#010x} is not NBD_REQUEST_MAGIC")
+        if not self._have(layout.size):
+            return NEED_DATA
+        _, flags, cmd, cookie, offset, length = buf.unpack(layout)
+        if layout is w.EXTENDED_REQUEST:
+            has_payload = bool(flags & CmdFlag.PAYLOAD_LEN)
+            if cmd == Cmd.WRITE and not has_payload:
+                # "NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN" (EXT-002): the data that
+                # follows cannot be told from the next request.
+                self._violation_now("EXT-002", "extended WRITE without PAYLOAD_LEN", buf.peek(32), fatal=True)
+        else:
+            has_payload = cmd == Cmd.WRITE
+        plen = length if has_payload else 0
+        if plen > self.strictness.max_payload:
+            raise self._fail(f"request payload of {plen} bytes exceeds the {self.strictness.max_payload}-byte cap")
+        if not self._have(layout.size + plen):
+            return NEED_DATA
+        raw = buf.take(layout.size)
+        payload = buf.take(plen) if has_payload else None
+        command = Cmd(cmd) if cmd in _KNOWN_CMDS else cmd
+        e = ev.Request(
+            cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=payload
+        )
+        return self._receive(e, layout.size + plen, raw)

@@ -1,0 +1,301 @@
+"""Transmission phase, server side: check a request against what the backend and negotiation allow,
+run it, and build the reply events.  No I/O: the session sends what ``execute`` returns.
+
+Error choices follow proto.md "Error values": EINVAL for unknown commands and flags, reads/trims past
+the end and misalignment; ENOSPC for writes past the end; EPERM for writes to a read-only export;
+EOVERFLOW for oversize effect lengths and DF reads that do not fit; ENOTSUP only for FAST_ZERO.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from .. import events as ev
+from .._constants import Cmd, CmdFlag, Err
+from ..backends import STATE_ZERO, BackendError
+from ..personas import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP
+from ._export import Export
+from ._options import Negotiation
+
+# Which command flags are documented for which command ("Command flags"; FUA is valid for all).
+_VALID_FLAGS = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA | CmdFlag.PAYLOAD_LEN,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE | CmdFlag.PAYLOAD_LEN,
+}
+
+_ERRNO_TO_NBD = {
+    errno.EPERM: Err.EPERM, errno.EROFS: Err.EPERM, errno.EACCES: Err.EPERM,
+    errno.EIO: Err.EIO, errno.ENOMEM: Err.ENOMEM, errno.EINVAL: Err.EINVAL,
+    errno.ENOSPC: Err.ENOSPC, errno.EDQUOT: Err.ENOSPC, errno.EFBIG: Err.ENOSPC,
+    errno.EOVERFLOW: Err.EOVERFLOW, errno.ENOTSUP: Err.ENOTSUP, errno.ESHUTDOWN: Err.ESHUTDOWN,
+}
+
+MAX_EXTENTS = 1 << 20  # "a server SHOULD NOT send more than 2^20 status descriptors in a single chunk"
+DEFAULT_MAX_PAYLOAD = 1 << 25  # the spec's default maximum payload
+
+
+class RequestError(Exception):
+    """Answer the request with this NBD error (and a message in structured error chunks)."""
+
+    def __init__(self, error: int, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+@dataclass(slots=True)
+class ReadShape:
+    """How reads are cut into chunks: test knobs for client reassembly."""
+
+    chunk_size: int = 0          # >0: split data into chunks of at most this many bytes
+    reverse: bool = False        # send content chunks last-to-first
+
+
+class Executor:
+    """Runs requests for one connection on one export (thread-safe: no per-request state)."""
+
+    def __init__(self, export: Export, nego: Negotiation, shape: ReadShape | None = None) -> None:
+        self.export = export
+        self.nego = nego
+        self.persona = nego.persona
+        self.shape = shape or ReadShape()
+        self.flags = nego.transmission_flags(export)
+        bs = export.block_size
+        self.enforced = bs  # only explicit export constraints are enforced (persona values are advice)
+        self.max_payload = bs[2] if bs else DEFAULT_MAX_PAYLOAD
+
+    @property
+    def structured(self) -> bool:
+        return self.nego.structured or self.nego.extended
+
+    # ----------------------------------------------------------------- checks
+
+    def check(self, req: ev.Request) -> None:
+        """Raise RequestError for anything the spec says to refuse; return if the request may run."""
+        from .._constants import TxFlag
+
+        cmd, flags, off, length = req.command, req.flags, req.offset, req.length
+        size = self.export.size
+        if cmd not in _VALID_FLAGS or cmd == Cmd.DISC:
+            raise RequestError(Err.EINVAL, f"unknown command {cmd}")  # "SHOULD return NBD_EINVAL"
+        if flags & ~int(_VALID_FLAGS[cmd]):  # int(): ~IntFlag drops unknown bits
+            raise RequestError(Err.EINVAL, f"flags {flags:#x} not valid for this command")
+        if flags & CmdFlag.FUA and not self.flags & TxFlag.SEND_FUA:
+            raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_FUA without NBD_FLAG_SEND_FUA")
+        if flags & CmdFlag.PAYLOAD_LEN and not self.nego.extended:
+            raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_PAYLOAD_LEN without extended headers")
+        needed = {
+            Cmd.FLUSH: TxFlag.SEND_FLUSH, Cmd.TRIM: TxFlag.SEND_TRIM, Cmd.CACHE: TxFlag.SEND_CACHE,
+            Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
+        }.get(cmd)
+        writes = cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+        if writes and self.export.read_only:
+            # "SHOULD return NBD_EPERM if it receives a write or trim request on a read-only export".
+            raise RequestError(Err.EPERM, "export is read-only")
+        if needed is not None and not self.flags & needed:
+            raise RequestError(Err.EINVAL, f"command not advertised ({TxFlag(needed).name})")
+        if flags & CmdFlag.DF and not self.flags & TxFlag.SEND_DF:
+            raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_DF without NBD_FLAG_SEND_DF")
+        if flags & CmdFlag.FAST_ZERO and not self.flags & TxFlag.SEND_FAST_ZERO:
+            raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_FAST_ZERO without NBD_FLAG_SEND_FAST_ZERO")
+        if cmd == Cmd.FLUSH:
+            # "length and offset are reserved, and MUST be set to all-zero" (the core records it).
+            return
+        if cmd == Cmd.BLOCK_STATUS:
+            if not self.structured:
+                raise RequestError(Err.EINVAL, "block status needs structured replies")
+            if not self.nego.contexts:
+                # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without
+                # selecting at least one metadata context."
+                raise RequestError(Err.EINVAL, "no metadata context selected")
+            if flags & CmdFlag.PAYLOAD_LEN:
+                length = self._payload_effect_length(req)
+        if off > size or length > size - off:
+            # Writes past the end: ENOSPC; reads, trims and the rest: EINVAL ("Error values").
+            err = Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+            raise RequestError(err, f"offset {off} + length {length} beyond export size {size}")
+        if self.enforced:
+            mn = self.enforced[0]
+            if off % mn or (length % mn and off + length != size):
+                # "The server SHOULD report an NBD_EINVAL error if the client's request is not aligned".
+                raise RequestError(Err.EINVAL, f"request not aligned to minimum block size {mn}")
+        if cmd == Cmd.WRITE or (cmd == Cmd.READ and not self.structured):
+            if length > self.max_payload:
+                raise RequestError(Err.EINVAL, f"payload {length} exceeds maximum {self.max_payload}")
+        elif cmd == Cmd.READ and length > max(self.max_payload, 1 << 25):
+            raise RequestError(Err.EOVERFLOW, f"read of {length} bytes is too large")
+        if cmd == Cmd.READ and flags & CmdFlag.DF and length > 0xFFFFFFFF - 8:
+            raise RequestError(Err.EOVERFLOW, "too large to send unfragmented")
+
+    def _payload_effect_length(self, req: ev.Request) -> int:
+        data = bytes(req.payload or b"")
+        if len(data) < 8 or (len(data) - 8) % 4:
+            raise RequestError(Err.EINVAL, "block status payload must be 8 + 4n bytes")
+        return struct.unpack_from(">Q", data)[0]
+
+    # ----------------------------------------------------------------- running
+
+    def execute(self, req: ev.Request) -> list[ev.Event]:
+        """The reply events for ``req`` (errors included)."""
+        try:
+            self.check(req)
+            return self._run(req)
+        except RequestError as e:
+            return self.error_reply(req, e.error, e.message)
+        except BackendError as e:
+            return self.error_reply(req, _ERRNO_TO_NBD.get(e.errno, Err.EIO), str(e))
+
+    def error_reply(self, req: ev.Request, error: int, message: str) -> list[ev.Event]:
+        if self.structured:
+            msg = message if self.persona.error_messages else ""
+            return [ev.ErrorChunk(cookie=req.cookie, done=True, error=error, message=msg[:4096])]
+        return [ev.SimpleReply(cookie=req.cookie, error=error)]
+
+    def _ok(self, req: ev.Request) -> list[ev.Event]:
+        if self.structured:
+            return [ev.NoneChunk(cookie=req.cookie, done=True)]
+        return [ev.SimpleReply(cookie=req.cookie, error=0)]
+
+    def _run(self, req: ev.Request) -> list[ev.Event]:
+        cmd, flags = req.command, req.flags
+        b, x = self.export.backend, self.export
+        fua = bool(flags & CmdFlag.FUA)
+        if cmd == Cmd.READ:
+            return self._read(req)
+        if cmd == Cmd.WRITE:
+            b.pwrite(req.offset, req.payload if req.payload is not None else b"", fua=fua)
+            x.mark_dirty(req.offset, req.length)
+        elif cmd == Cmd.TRIM:
+            b.trim(req.offset, req.length, fua=fua)
+            x.mark_dirty(req.offset, req.length)
+        elif cmd == Cmd.WRITE_ZEROES:
+            may_trim = not flags & CmdFlag.NO_HOLE
+            if flags & CmdFlag.FAST_ZERO and not b.fast_zero_possible(req.offset, req.length, may_trim=may_trim):
+                # "MUST fail quickly with an error of NBD_ENOTSUP".
+                raise RequestError(Err.ENOTSUP, "zeroing would not be faster than writing")
+            b.zero(req.offset, req.length, may_trim=may_trim, fua=fua)
+            x.mark_dirty(req.offset, req.length)
+        elif cmd == Cmd.FLUSH:
+            b.flush()
+        elif cmd == Cmd.CACHE:
+            b.cache(req.offset, req.length)
+        elif cmd == Cmd.BLOCK_STATUS:
+            return self._block_status(req)
+        return self._ok(req)
+
+    # ----------------------------------------------------------------- READ
+
+    def _read(self, req: ev.Request) -> list[ev.Event]:
+        off, length, cookie = req.offset, req.length, req.cookie
+        b = self.export.backend
+        if not self.structured:
+            return [ev.SimpleReply(cookie=cookie, error=0, data=b.pread(off, length))]
+        if length == 0:
+            # "The client SHOULD NOT request a read length of 0 ... the server SHOULD NOT disconnect".
+            return [ev.NoneChunk(cookie=cookie, done=True)]
+        if req.flags & CmdFlag.DF:
+            # "If this flag is set, the server MUST send at most one content chunk".
+            return [ev.OffsetData(cookie=cookie, done=True, offset=off, data=b.pread(off, length))]
+        pieces: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
+        if self.persona.offset_hole:
+            pos = off
+            for n, flags in b.extents(off, length):
+                n = min(n, off + length - pos)
+                hole = bool(flags & STATE_ZERO)  # reads as zeroes: an OFFSET_HOLE chunk says exactly that
+                if pieces and pieces[-1][2] == hole:
+                    o, m, h = pieces[-1]
+                    pieces[-1] = (o, m + n, h)
+                else:
+                    pieces.append((pos, n, hole))
+                pos += n
+                if pos >= off + length:
+                    break
+            if pos < off + length:
+                pieces.append((pos, off + length - pos, False))
+        else:
+            pieces.append((off, length, False))
+        step = self.shape.chunk_size
+        chunks: list[ev.Event] = []
+        for o, n, hole in pieces:
+            if hole:
+                chunks.extend(ev.OffsetHole(cookie=cookie, done=False, offset=p, length=m)
+                              for p, m in _split(o, n, 0xFFFFFFFF))
+            else:
+                chunks.extend(ev.OffsetData(cookie=cookie, done=False, offset=p, data=b.pread(p, m))
+                              for p, m in _split(o, n, step or 0xFFFFFFF0))
+        if self.shape.reverse:
+            chunks.reverse()
+        last = chunks[-1]
+        chunks[-1] = _with_done(last)
+        return chunks
+
+    # ----------------------------------------------------------------- BLOCK_STATUS
+
+    def _block_status(self, req: ev.Request) -> list[ev.Event]:
+        off, length = req.offset, req.length
+        ids = list(self.nego.contexts)
+        if req.flags & CmdFlag.PAYLOAD_LEN:
+            data = bytes(req.payload or b"")
+            length = struct.unpack_from(">Q", data)[0]
+            wanted = [struct.unpack_from(">I", data, 8 + 4 * i)[0] for i in range((len(data) - 8) // 4)]
+            # "detects duplicate or unknown metacontext ids ... MUST ... fail with NBD_EINVAL".
+            if len(set(wanted)) != len(wanted) or any(i not in self.nego.contexts for i in wanted):
+                raise RequestError(Err.EINVAL, "duplicate or unknown context id in payload")
+            ids = wanted or ids
+        length = max(length, 1) if off < self.export.size else length
+        chunks: list[ev.Event] = []
+        for cid in ids:
+            extents = self._extents(self.nego.contexts[cid], off, length)
+            if req.flags & CmdFlag.REQ_ONE or self.persona.block_status_single_extent:
+                # REQ_ONE: "exactly one descriptor where the length ... MUST NOT be greater than the length".
+                n, f = extents[0]
+                extents = [(min(n, max(length, 1)), f)]
+            if not self.nego.extended:
+                extents = [(min(n, 0xFFFFFFFF & ~0xFFF), f) for n, f in extents[:MAX_EXTENTS]]
+            chunks.append(ev.BlockStatus(cookie=req.cookie, done=False, context_id=cid, extents=tuple(extents)))
+        if not chunks:
+            return self._ok(req)
+        chunks[-1] = _with_done(chunks[-1])
+        return chunks
+
+    def _extents(self, context: str, off: int, length: int) -> list[tuple[int, int]]:
+        b = self.export.backend
+        if context == BASE_ALLOCATION:
+            ext = b.extents(off, length)
+        elif context == ALLOCATION_DEPTH:
+            ext = b.allocation_depth(off, length)
+        elif context.startswith(DIRTY_BITMAP):
+            ext = self.export.dirty_bitmaps[context[len(DIRTY_BITMAP):]].extents(off, length)
+        else:  # pragma: no cover - contexts are only ever ours
+            raise RequestError(Err.EINVAL, f"unknown context {context}")
+        if not ext:  # zero-length query at the very end: one descriptor is still required
+            ext = [(1, 0)]
+        merged: list[tuple[int, int]] = []
+        for n, f in ext:
+            if merged and merged[-1][1] == f:
+                merged[-1] = (merged[-1][0] + n, f)
+            else:
+                merged.append((n, f))
+        return merged
+
+
+def _split(offset: int, length: int, step: int):
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(step, end - pos)
+        yield pos, n
+        pos += n
+
+
+def _with_done(chunk: ev.Event) -> ev.Event:
+    from dataclasses import replace
+
+    return replace(chunk, done=True)  # type: ignore[type-var]

@@ -1,0 +1,225 @@
+"""The listener: accept connections and run a Session per connection in its own thread."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+
+from .. import faults as faults_mod
+from .. import personas as personas_mod
+from .._strict import Strictness
+from ..faults import Fault
+from ..personas import Persona
+from ._commands import ReadShape
+from ._config import ConnectionRecord, TLSConfig
+from ._export import Export
+from ._listen import describe_peer, listen_tcp, listen_unix, uri_for
+from ._session import Session
+from ._transport import SocketTransport, Transport
+
+log = logging.getLogger("nbdref.server")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+
+
+class Server:
+    """The reference NBD server.
+
+    ``Server(exports=[Export.memory("exp", 1 << 20)], unix=path)``; ``start()`` serves from a background
+    thread (for fixtures), ``serve_forever()`` from the caller's; ``stop()`` ends everything.  Every
+    connection leaves a ``ConnectionRecord`` in ``records`` (violations, transcript, reason), complete once
+    its ``ended`` event is set: ``wait_closed()`` waits for all of them.
+    """
+
+    def __init__(
+        self,
+        exports: Export | Sequence[Export],
+        *,
+        persona: Persona | str | None = None,
+        fault: Fault | str | None = None,
+        tls: TLSConfig | None = None,
+        unix: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sockets: Sequence[socket.socket] = (),
+        handshake_timeout: float | None = 0,
+        io_timeout: float = 30.0,
+        workers: int = 4,
+        read_chunk_size: int = 0,
+        reverse_chunks: bool = False,
+        strictness: Strictness | None = None,
+        transcript: bool = True,
+    ) -> None:
+        self.exports: list[Export] = [exports] if isinstance(exports, Export) else list(exports)
+        if not self.exports:
+            raise ValueError("a server needs at least one export")
+        self.persona = personas_mod.get(persona)
+        self.fault = faults_mod.get(fault)
+        self.tls = tls or TLSConfig()
+        self._tls_context: ssl.SSLContext | None = self.tls.context()
+        # 0: the persona's limit (qemu >= 9.1: 10 s) or 60 s; None: no limit; > 0: that many seconds.
+        self.handshake_timeout = handshake_timeout
+        self.io_timeout = io_timeout
+        self.workers = workers
+        self.read_shape = ReadShape(chunk_size=read_chunk_size, reverse=reverse_chunks)
+        self.strictness = strictness
+        self.transcript = transcript
+        self.records: list[ConnectionRecord] = []
+        self._ids = itertools.count(1)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sessions: dict[int, Session] = {}
+        self._lock = threading.Lock()
+        self._accept_threads: list[threading.Thread] = []
+        if sockets:
+            self._listeners = list(sockets)
+        elif unix is not None:
+            self._listeners = [listen_unix(os.fspath(unix))]
+        else:
+            self._listeners = [listen_tcp(host, port)]
+        self._unix_path = os.fspath(unix) if unix is not None else None
+
+    # ------------------------------------------------------------------ addressing
+
+    @property
+    def uri(self) -> str:
+        """URI of the first export on the first listener (nbds... when TLS is on)."""
+        return self.uri_for(self.exports[0].name)
+
+    def uri_for(self, export: str) -> str:
+        return uri_for(self._listeners[0], export, tls=self.tls.mode != "off")
+
+    @property
+    def address(self) -> str | tuple[str, int]:
+        return self._listeners[0].getsockname()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Server:
+        """Accept connections from background threads; returns self (handy in fixtures)."""
+        for lsock in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(lsock,), name="nbdref-accept", daemon=True)
+            t.start()
+            self._accept_threads.append(t)
+        log.info("serving %s (persona %s%s)", self.uri, self.persona.name,
+                 f", fault {self.fault.spec}" if self.fault else "")
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stopping.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listeners, hang up on every client, wait for every connection thread."""
+        self._stopping.set()
+        for lsock in self._listeners:
+            try:
+                lsock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
+            except OSError:
+                pass
+            lsock.close()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.t.shutdown()
+        for t in self._accept_threads + list(self._threads):
+            t.join(timeout)
+        if self._unix_path and os.path.exists(self._unix_path):
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_closed(self, timeout: float = 10.0) -> bool:
+        """Wait until every connection seen so far has ended (their records are then complete)."""
+        return all(r.ended.wait(timeout) for r in list(self.records))
+
+    def wait_for_connections(self, n: int, timeout: float = 10.0) -> list[ConnectionRecord]:
+        """Wait until ``n`` connections have been accepted and have ended."""
+        done = threading.Event()
+        deadline = time.monotonic() + timeout
+        while len(self.records) < n and time.monotonic() < deadline:
+            done.wait(0.01)
+        self.wait_closed(max(0.0, deadline - time.monotonic()))
+        return list(self.records)
+
+    @property
+    def violations(self) -> list:
+        return [v for r in self.records for v in r.violations]
+
+    # ------------------------------------------------------------------ connections
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        lsock.settimeout(0.5)
+        while not self._stopping.is_set():
+            try:
+                sock, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("accept failed")
+                self._stopping.wait(0.1)  # e.g. EMFILE: back off instead of spinning
+                continue
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.serve_transport(SocketTransport(sock), describe_peer(sock))
+
+    def serve_transport(self, transport: Transport, peer: str, *, wait: bool = False) -> ConnectionRecord:
+        """Serve one already-connected transport (sockets from accept, socketpairs in tests, --stdin)."""
+        cid = next(self._ids)
+        record = ConnectionRecord(id=cid, peer=peer)
+        session = Session(
+            transport, record,
+            exports=self.exports, persona=self.persona, fault=self.fault, tls_mode=self.tls.mode,
+            tls_context=self._tls_context,
+            handshake_timeout=self._handshake_limit(),
+            io_timeout=self.io_timeout, workers=self.workers, read_shape=self.read_shape,
+            stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
+        )
+        with self._lock:
+            self.records.append(record)
+            self._sessions[cid] = session
+        log.info("connection %d from %s", cid, peer)
+        if wait:
+            self._run(session)
+            return record
+        t = threading.Thread(target=self._run, args=(session,), name=f"nbdref-conn{cid}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+        return record
+
+    def _handshake_limit(self) -> float | None:
+        if self.handshake_timeout is None:
+            return None  # switched off (--no-handshake-timeout): option-mode tests can take their time
+        if self.handshake_timeout == 0:
+            return self.persona.handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT
+        return self.handshake_timeout
+
+    def serve_socket(self, sock: socket.socket, *, wait: bool = False) -> ConnectionRecord:
+        return self.serve_transport(SocketTransport(sock), describe_peer(sock), wait=wait)
+
+    def _run(self, session: Session) -> None:
+        try:
+            session.run()
+        finally:
+            with self._lock:
+                self._sessions.pop(session.record.id, None)

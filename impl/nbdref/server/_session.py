@@ -1,0 +1,364 @@
+"""One client connection: the reader loop, a small worker pool, and serialised replies.
+
+Thread model (docs/design.md): the session thread reads and decodes; each request runs on a worker of a
+per-connection pool, so replies can go out in any order; one lock keeps each reply's bytes together on
+the wire and in the core's state.  The core (ServerConnection) is not thread-safe: every call into it
+holds ``_core_lock``, which is never held during blocking I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from .. import events as ev
+from .._constants import Cmd, HandshakeFlag, Magic
+from .._errors import ProtocolError, RemoteProtocolError
+from .._strict import Strictness
+from .._transcript import Transcript
+from ..backends import MemoryBackend
+from ..connection import NEED_DATA, ServerConnection
+from ..faults import Fault, ReplyContext
+from ..personas import Persona
+from ._commands import Executor, ReadShape
+from ._config import ConnectionRecord
+from ._export import Export
+from ._options import Negotiation
+from ._transport import SocketTransport, TLSTransport, Transport
+
+log = logging.getLogger("nbdref.server")
+
+_RECV_SIZE = 1 << 18
+TRANSCRIPT_MAX = 20000
+
+
+class Disconnect(Exception):
+    """End the connection now; the message is the reason recorded and logged."""
+
+
+class Session:
+    """Serve one connection until the client leaves, breaks the protocol, or the server stops."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        record: ConnectionRecord,
+        *,
+        exports: Sequence[Export],
+        persona: Persona,
+        fault: Fault | None,
+        tls_mode: str,
+        tls_context: ssl.SSLContext | None,
+        handshake_timeout: float | None,
+        io_timeout: float,
+        workers: int,
+        read_shape: ReadShape,
+        stopping: threading.Event,
+        strictness: Strictness | None = None,
+        transcript: bool = True,
+    ) -> None:
+        self.t = transport
+        self.record = record
+        self.persona = persona
+        self.fault = fault
+        self.tls_context = tls_context
+        self.handshake_timeout = handshake_timeout
+        self.io_timeout = io_timeout
+        self.workers = workers
+        self.read_shape = read_shape
+        self.stopping = stopping
+        # Client violations are recorded, never fatal by themselves: the server answers what it can with
+        # the spec's error replies and disconnects only where the byte stream cannot be followed.
+        local_ok = fault is None and not persona.info_size_zero and persona.abort_ack
+        self.conn = ServerConnection(
+            strictness=strictness or Strictness(fatal_levels=frozenset(), check_local=local_ok),
+            # Capped (head and tail kept) so a long-lived connection cannot grow without bound.
+            transcript=Transcript(max_entries=TRANSCRIPT_MAX, enabled=transcript),
+        )
+        self.nego = Negotiation(exports=exports, persona=persona, tls_mode=tls_mode)
+        self._core_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._seen_violations = 0
+        self._handshake_bytes = 0
+        self._fault_used = False
+        self._dead = threading.Event()
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self) -> None:
+        r = self.record
+        try:
+            export = self._handshake()
+            if export is not None:
+                r.export = export.name
+                self._transmission(export)
+        except Disconnect as e:
+            r.reason = r.reason or str(e)
+        except RemoteProtocolError as e:
+            r.reason = r.reason or f"client broke the protocol: {e}"
+        except ProtocolError as e:
+            r.reason = r.reason or f"protocol error: {e}"
+            r.error = e
+        except TimeoutError:
+            r.reason = r.reason or "socket operation timed out"
+        except (ConnectionError, BrokenPipeError) as e:
+            r.reason = r.reason or f"connection lost: {e.__class__.__name__}"
+        except ssl.SSLError as e:
+            r.reason = r.reason or f"TLS error: {e.reason or e}"
+        except OSError as e:
+            r.reason = r.reason or ("server stopping" if self.stopping.is_set() else f"OS error: {e}")
+        except Exception as e:  # a bug of ours: record it, never take the server down
+            log.exception("connection %d: internal error", r.id)
+            r.reason = r.reason or f"internal error: {e!r}"
+            r.error = e
+        finally:
+            self._dead.set()
+            self._collect_violations()
+            r.tls = self.t.tls
+            r.violations = list(getattr(self.conn, "violations", []))
+            r.transcript = getattr(self.conn, "transcript", None)
+            try:
+                self.t.close()
+            except OSError:
+                pass
+            log.info("connection %d from %s closed: %s", r.id, r.peer, r.reason or "?")
+            r.ended.set()
+
+    # ------------------------------------------------------------------ I/O helpers
+
+    def _collect_violations(self) -> None:
+        vs = getattr(self.conn, "violations", [])
+        for v in vs[self._seen_violations :]:
+            log.warning("connection %d: client violation %s", self.record.id, v)
+        self._seen_violations = len(vs)
+
+    def _recv(self, timeout: float | None) -> None:
+        """Feed the core one read from the transport (b"" at EOF)."""
+        self.t.set_timeout(timeout)
+        get_buffer = getattr(self.conn, "get_buffer", None)
+        if get_buffer is not None:
+            with self._core_lock:
+                buf = get_buffer(_RECV_SIZE)
+            n = self.t.recv_into(buf)
+            with self._core_lock:
+                if n:
+                    self.conn.buffer_updated(n)
+                else:
+                    self.conn.receive_data(b"")
+            return
+        data = bytearray(_RECV_SIZE)
+        n = self.t.recv_into(memoryview(data))
+        with self._core_lock:
+            self.conn.receive_data(bytes(data[:n]))
+
+    def _next_event(self, deadline: float | None) -> ev.Event:
+        while True:
+            try:
+                with self._core_lock:
+                    e = self.conn.next_event()
+            finally:
+                self._collect_violations()
+            if e is not NEED_DATA:
+                return e
+            if self.stopping.is_set():
+                raise Disconnect("server stopping")
+            if deadline is None:
+                timeout: float | None = self.io_timeout
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise Disconnect(f"handshake not finished within {self.handshake_timeout} s")
+                timeout = min(timeout, self.io_timeout)
+            try:
+                self._recv(timeout)
+            except TimeoutError:
+                if deadline is None:
+                    continue  # an idle client in transmission is fine (stop() wakes us with a shutdown)
+                if time.monotonic() < deadline:
+                    continue
+                raise Disconnect(f"handshake not finished within {self.handshake_timeout} s") from None
+
+    def _send(self, events: Sequence[ev.Event]) -> None:
+        with self._write_lock:
+            iov: list = []
+            with self._core_lock:
+                for e in events:
+                    iov.extend(self.conn.send_iov(e))
+            self._write(iov)
+
+    def _send_raw(self, data: bytes) -> None:
+        with self._write_lock:
+            with self._core_lock:
+                out = self.conn.send_raw(data)
+            self._write([out if out is not None else data])
+
+    def _write(self, iov: list) -> None:
+        cut = self.fault.cut_handshake_at if self.fault and self._in_handshake else None
+        if cut is not None:
+            size = sum(len(b) for b in iov)
+            if self._handshake_bytes + size >= cut:
+                joined = b"".join(bytes(b) for b in iov)[: cut - self._handshake_bytes]
+                self.t.send([joined])
+                raise Disconnect(f"fault {self.fault.spec}: cut after {cut} handshake bytes")  # type: ignore[union-attr]
+            self._handshake_bytes += size
+        self.t.send(iov)
+
+    # ------------------------------------------------------------------ handshake
+
+    _in_handshake = True
+
+    def _handshake(self) -> Export | None:
+        deadline = None if not self.handshake_timeout else time.monotonic() + self.handshake_timeout
+        flags = 0
+        if self.persona.fixed_newstyle:
+            flags |= HandshakeFlag.FIXED_NEWSTYLE
+        if self.persona.no_zeroes:
+            flags |= HandshakeFlag.NO_ZEROES
+        greeting = ev.NewstyleGreeting(flags=flags)
+        if self.fault and self.fault.greeting_magic is not None:
+            with self._core_lock:
+                self.conn.send(greeting)  # keep the core's state right; put other bytes on the wire
+            magic = self.fault.greeting_magic.to_bytes(8, "big")
+            self._write([magic + Magic.IHAVEOPT.to_bytes(8, "big") + flags.to_bytes(2, "big")])
+        else:
+            self._send([greeting])
+        if self.fault and self.fault.stall_handshake:
+            self.stopping.wait(self.fault.stall_seconds)
+            raise Disconnect(f"fault {self.fault.spec}: stalled the handshake")
+        while True:
+            e = self._next_event(deadline)
+            if isinstance(e, ev.ConnectionClosed):
+                raise Disconnect("client closed the connection during the handshake")
+            if isinstance(e, ev.StartTLS):
+                continue
+            if isinstance(e, ev.ClientFlags):
+                # "The server MUST operate in NOTLS mode unless the server set flag NBD_FLAG_FIXED_NEWSTYLE
+                # and the client replied with NBD_FLAG_C_FIXED_NEWSTYLE".
+                self.nego.fixed_newstyle = bool(e.flags & 1) and bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+                if e.flags & ~3:
+                    # "If the client sets unknown flags, the server MUST close the connection" (HS).
+                    raise Disconnect(f"unknown client flags {e.flags:#x}")
+                if not self.nego.fixed_newstyle and self.nego.tls_mode == "require":
+                    raise Disconnect("client cannot do fixed newstyle, and TLS is required")
+                continue
+            if not isinstance(e, ev.Option):
+                raise Disconnect(f"unexpected {type(e).__name__} during the handshake")
+            if not self.nego.fixed_newstyle and e.option != 1:
+                # Without fixed newstyle the server cannot reply to other options: it can only hang up.
+                raise Disconnect(f"option {e.option} without fixed newstyle")
+            outcome = self.nego.handle(e)
+            if outcome.replies:
+                if self.fault and self.fault.option_reply_magic is not None:
+                    self._send_mangled_option_replies(outcome.replies)
+                else:
+                    self._send(outcome.replies)
+            if outcome.close:
+                raise Disconnect(outcome.close)
+            if outcome.starttls:
+                self._start_tls()
+            if outcome.go is not None:
+                self._in_handshake = False
+                return outcome.go
+
+    def _send_mangled_option_replies(self, replies: Sequence[ev.Event]) -> None:
+        with self._write_lock:
+            with self._core_lock:
+                data = b"".join(bytes(b) for r in replies for b in self.conn.send_iov(r))
+            magic = self.fault.option_reply_magic.to_bytes(8, "big")  # type: ignore[union-attr]
+            good = Magic.OPT_REPLY.to_bytes(8, "big")
+            self._write([data.replace(good, magic)])
+
+    def _start_tls(self) -> None:
+        # The core pauses after the ACK (next_event() gives StartTLS, then NEED_DATA) until
+        # tls_established(); bytes it already holds belong to the TLS layer.
+        if self.tls_context is None:
+            raise Disconnect("STARTTLS acknowledged without a TLS context")
+        assert isinstance(self.t, SocketTransport)
+        with self._core_lock:
+            trailing = bytes(getattr(self.conn, "trailing_data", b"") or b"")
+        # A correct client sends nothing between STARTTLS and the ACK (the core records the breach);
+        # whatever came early is handed to TLS rather than dropped.
+        self.t = TLSTransport(self.t, self.tls_context, timeout=self.io_timeout, initial=trailing)
+        with self._core_lock:
+            self.conn.tls_established()
+        self.nego.tls_started()
+        self.record.tls = True
+
+    # ------------------------------------------------------------------ transmission
+
+    def _transmission(self, export: Export) -> None:
+        self.t.set_timeout(self.io_timeout)
+        executor = Executor(export, self.nego, self.read_shape)
+        pool = ThreadPoolExecutor(max_workers=max(1, self.workers), thread_name_prefix=f"nbdref-c{self.record.id}")
+        inline_reads = isinstance(export.backend, MemoryBackend)
+        try:
+            while True:
+                e = self._next_event(None)
+                if isinstance(e, ev.ConnectionClosed):
+                    raise Disconnect("client closed the connection (hard disconnect)")
+                if isinstance(e, ev.StartTLS):
+                    continue
+                if not isinstance(e, ev.Request):
+                    raise Disconnect(f"unexpected {type(e).__name__} in transmission")
+                self.record.requests += 1
+                if e.command == Cmd.DISC:
+                    # "The server MUST handle all outstanding requests, shut down the TLS session (if one
+                    # is running), and close the TCP session."
+                    pool.shutdown(wait=True)
+                    raise Disconnect("client sent NBD_CMD_DISC")
+                if self.workers <= 0 or (inline_reads and e.command == Cmd.READ and not self.fault):
+                    # RAM reads never block: answering on the reader thread saves two thread switches.
+                    self._serve(executor, e)
+                else:
+                    pool.submit(self._serve, executor, e)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=False)
+
+    def _serve(self, executor: Executor, req: ev.Request) -> None:
+        if self._dead.is_set():
+            return
+        try:
+            if self.fault and not self._fault_used and self.fault.applies(req.command, executor.structured):
+                self._fault_used = True
+                if self._inject(executor, req):
+                    return
+            self._send(executor.execute(req))
+        except Disconnect as e:
+            self.record.reason = self.record.reason or str(e)  # the first reason is the real one
+            self._dead.set()
+            self.t.shutdown()
+        except Exception as e:  # a worker must never die silently
+            if not self._dead.is_set():
+                log.warning("connection %d: reply to cookie %d failed: %r", self.record.id, req.cookie, e)
+                self.record.reason = self.record.reason or f"reply failed: {e!r}"
+                self._dead.set()
+                self.t.shutdown()
+
+    def _inject(self, executor: Executor, req: ev.Request) -> bool:
+        """Apply the fault to this request; True when it replaced the normal reply."""
+        f = self.fault
+        assert f is not None
+        if f.stall_reply:
+            self.stopping.wait(f.stall_seconds)
+            raise Disconnect(f"fault {f.spec}: stalled the reply")
+        if f.cut_reply_at is not None:
+            with self._write_lock:
+                with self._core_lock:
+                    iov = [b for e in executor.execute(req) for b in self.conn.send_iov(e)]
+                data = b"".join(bytes(b) for b in iov)[: f.cut_reply_at]
+                self.t.send([data])
+            raise Disconnect(f"fault {f.spec}: cut after {f.cut_reply_at} reply bytes")
+        data = b""
+        if req.command == Cmd.READ and req.length <= 1 << 25 and req.offset + req.length <= executor.export.size:
+            data = bytes(executor.export.backend.pread(req.offset, req.length))
+        ctx = ReplyContext(cookie=req.cookie, command=req.command, offset=req.offset, length=req.length,
+                           structured=executor.nego.structured, extended=executor.nego.extended, data=data)
+        raw = f.reply_bytes(ctx)
+        if raw is None:
+            return False
+        self._send_raw(raw)
+        return True

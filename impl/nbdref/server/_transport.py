@@ -1,0 +1,210 @@
+"""Byte transports for one connection: plain socket, TLS over a MemoryBIO, or a pipe pair (--stdin).
+
+Reads happen on the connection's reader thread, writes on its workers, at the same time.  An
+``ssl.SSLSocket`` must not be read and written from two threads at once (one OpenSSL ``SSL*``), so TLS
+runs through ``ssl.SSLObject`` + ``MemoryBIO`` under a lock, with the raw socket I/O outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+
+Chunk = bytes | bytearray | memoryview
+
+
+class Transport:
+    """What the session needs: recv_into, send (an iov), shutdown, close; all with timeouts."""
+
+    tls = False
+
+    def recv_into(self, buf: memoryview) -> int:
+        raise NotImplementedError
+
+    def send(self, iov: Sequence[Chunk]) -> int:
+        raise NotImplementedError
+
+    def set_timeout(self, seconds: float | None) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Wake a blocked reader and stop the peer (used by Server.stop and on errors)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SocketTransport(Transport):
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, buf: memoryview) -> int:
+        return self.sock.recv_into(buf)
+
+    def send(self, iov: Sequence[Chunk]) -> int:
+        """socket.sendmsg with the header and data buffers as they are: no join, no copy."""
+        total = 0
+        bufs = [memoryview(b).cast("B") for b in iov if len(b)]
+        while bufs:
+            n = self.sock.sendmsg(bufs[:512])  # IOV_MAX is 1024 on Linux
+            total += n
+            while n:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+        return total
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TLSTransport(Transport):
+    """TLS on top of a plain socket, after NBD_OPT_STARTTLS was acknowledged."""
+
+    tls = True
+
+    def __init__(self, raw: SocketTransport, context: ssl.SSLContext, *, timeout: float,
+                 initial: bytes = b"") -> None:
+        self.raw = raw
+        self._in = ssl.MemoryBIO()
+        if initial:
+            self._in.write(initial)
+        self._out = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._in, self._out, server_side=True)
+        self._lock = threading.Lock()       # guards the SSLObject
+        self._send_lock = threading.Lock()  # keeps TLS records in order on the wire
+        raw.set_timeout(timeout)
+        self._handshake()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                data = self._out.read()
+            if data:
+                self.raw.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.raw.sock.recv(65536)
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+    def _handshake(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._obj.do_handshake()
+                self._flush()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise ConnectionError("EOF during TLS handshake") from None
+
+    @property
+    def version(self) -> str | None:
+        return self._obj.version()
+
+    def recv_into(self, buf: memoryview) -> int:
+        while True:
+            try:
+                with self._lock:
+                    n = self._obj.read(len(buf), buf)
+                    pending = self._out.pending
+                if pending:
+                    self._flush()
+                return n
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def send(self, iov: Sequence[Chunk]) -> int:
+        total = 0
+        with self._send_lock:
+            for b in iov:
+                if not len(b):
+                    continue
+                with self._lock:
+                    self._obj.write(b)
+                    data = self._out.read()
+                self.raw.sock.sendall(data)
+                total += len(b)
+        return total
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self.raw.set_timeout(seconds)
+
+    def shutdown(self) -> None:
+        self.raw.shutdown()
+
+    def close(self) -> None:
+        # proto.md: the server "MUST close down the TLS session (if one is running)" on NBD_CMD_DISC.
+        try:
+            with self._lock:
+                self._obj.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+        try:
+            self._flush()
+        except OSError:
+            pass
+        self.raw.close()
+
+
+class PipeTransport(Transport):
+    """stdin/stdout that are not a socket (``serve --stdin`` from a shell pipeline)."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.timeout: float | None = None
+
+    def _wait(self, fd: int, write: bool) -> None:
+        r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], self.timeout)
+        if not r and not w:
+            raise TimeoutError("pipe timed out")
+
+    def recv_into(self, buf: memoryview) -> int:
+        self._wait(self.rfd, False)
+        return os.readv(self.rfd, [buf])
+
+    def send(self, iov: Sequence[Chunk]) -> int:
+        total = 0
+        for b in iov:
+            view = memoryview(b).cast("B")
+            while view:
+                self._wait(self.wfd, True)
+                n = os.write(self.wfd, view)
+                view = view[n:]
+                total += n
+        return total
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self.timeout = seconds
+
+    def close(self) -> None:
+        for fd in {self.rfd, self.wfd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,178 @@
+"""Image cache: keyed by recipe, built once across processes; plus one real check of the suite images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fixtures.images import (
+    HARNESS_LABEL,
+    SUITE_LABEL,
+    DebootstrapRecipe,
+    ImageInfo,
+    docker_available,
+    ensure_image,
+    read_package_list,
+)
+
+
+class FileStore:
+    """A stand-in for the docker engine: one JSON file of labels per tag."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, tag: str) -> Path:
+        return self.root / (tag.replace("/", "_").replace(":", "_") + ".json")
+
+    def labels(self, tag: str) -> dict[str, str] | None:
+        p = self.path(tag)
+        return json.loads(p.read_text()) if p.exists() else None
+
+
+@dataclass(frozen=True)
+class FakeRecipe:
+    """A recipe whose build takes `seconds`, records each build in `log` and 'imports' into the store."""
+
+    text: str
+    store_root: Path
+    log: Path
+    seconds: float = 0.0
+    name: str = "fake"
+
+    def key(self, suite: str) -> str:
+        return hashlib.sha256(f"{suite}\0{self.text}".encode()).hexdigest()[:16]
+
+    def build(self, suite: str, tag: str, labels: dict[str, str], progress) -> dict[str, str]:
+        with open(self.log, "a") as f:
+            f.write(tag + "\n")
+        time.sleep(self.seconds)
+        extra = {"nbd-harness.version.qemu-utils": "1:7.2", "nbd-harness.has.qemu-nbd": "1"}
+        FileStore(self.store_root).path(tag).write_text(json.dumps({**labels, **extra}))
+        return extra
+
+
+def builds(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_cache_hit_does_not_rebuild(tmp_path: Path) -> None:
+    recipe = FakeRecipe("pkgs: a b", tmp_path, tmp_path / "builds.log")
+    store, lines = FileStore(tmp_path), []
+    first = ensure_image("bookworm", recipe=recipe, store=store, lock_dir=tmp_path, progress=lines.append)
+    second = ensure_image("bookworm", recipe=recipe, store=store, lock_dir=tmp_path, progress=lines.append)
+    assert builds(tmp_path / "builds.log") == [first.tag]
+    assert first == second
+    assert first.versions == {"qemu-utils": "1:7.2"} and first.has == {"qemu-nbd": True}
+    assert first.suite == "bookworm"
+    assert any("building" in line for line in lines), "a build must show progress"
+
+
+def test_recipe_change_gives_new_key_and_rebuild(tmp_path: Path) -> None:
+    log = tmp_path / "builds.log"
+    a = ensure_image("sid", recipe=FakeRecipe("pkgs: a", tmp_path, log), store=FileStore(tmp_path),
+                     lock_dir=tmp_path, progress=lambda s: None)
+    b = ensure_image("sid", recipe=FakeRecipe("pkgs: a b", tmp_path, log), store=FileStore(tmp_path),
+                     lock_dir=tmp_path, progress=lambda s: None)
+    assert a.tag != b.tag and a.recipe_key != b.recipe_key
+    assert builds(log) == [a.tag, b.tag]
+
+
+def test_suites_have_distinct_keys(tmp_path: Path) -> None:
+    r = FakeRecipe("same", tmp_path, tmp_path / "log")
+    assert r.key("bullseye") != r.key("bookworm")
+
+
+def _ensure_in_child(recipe: FakeRecipe, lock_dir: Path, barrier, out) -> None:
+    barrier.wait(timeout=10)
+    info = ensure_image("trixie", recipe=recipe, store=FileStore(recipe.store_root), lock_dir=lock_dir,
+                        progress=lambda s: None)
+    out.put(info.tag)
+
+
+def test_concurrent_ensure_builds_once(tmp_path: Path) -> None:
+    """Two processes asking at once: the lock + re-check make exactly one build."""
+    recipe = FakeRecipe("concurrent", tmp_path, tmp_path / "builds.log", seconds=0.5)
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_ensure_in_child, args=(recipe, tmp_path, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=20)
+    assert [p.exitcode for p in procs] == [0, 0]
+    tags = {out.get(timeout=5), out.get(timeout=5)}
+    assert len(tags) == 1
+    assert builds(tmp_path / "builds.log") == list(tags)
+
+
+def test_package_list_per_suite(tmp_path: Path) -> None:
+    f = tmp_path / "pkgs.txt"
+    f.write_text("# comment\nqemu-utils\n\nbullseye: only-old  # why\nnbdkit\n")
+    assert read_package_list(f, "bookworm") == ["qemu-utils", "nbdkit"]
+    assert read_package_list(f, "bullseye") == ["qemu-utils", "only-old", "nbdkit"]
+
+
+def test_real_recipe_key_tracks_package_list(tmp_path: Path) -> None:
+    real = DebootstrapRecipe()
+    pkgs = tmp_path / "p.txt"
+    pkgs.write_text(real.packages_file.read_text())
+    same = DebootstrapRecipe(packages_file=pkgs)
+    assert same.key("bookworm") == real.key("bookworm")
+    pkgs.write_text(real.packages_file.read_text() + "nbd-client\n")
+    assert DebootstrapRecipe(packages_file=pkgs).key("bookworm") != real.key("bookworm")
+
+
+def test_image_info_from_labels() -> None:
+    info = ImageInfo.from_labels("t", {HARNESS_LABEL: "1", SUITE_LABEL: "sid",
+                                       "nbd-harness.version.nbdkit": "1.48.1-1",
+                                       "nbd-harness.has.qemu-storage-daemon": "0"})
+    assert info.suite == "sid" and info.versions == {"nbdkit": "1.48.1-1"}
+    assert info.has == {"qemu-storage-daemon": False}
+
+
+@pytest.mark.docker
+def test_real_suite_image_is_cached_with_version_labels() -> None:
+    ok, why = docker_available()
+    if not ok:
+        pytest.skip(why)
+    built: list[str] = []
+    t0 = time.monotonic()
+    info = ensure_image("bookworm", progress=built.append)
+    if built:
+        pytest.skip("bookworm image was not cached yet; it has been built now (run again)")
+    assert time.monotonic() - t0 < 5, "a cache hit must not rebuild"
+    assert info.tag.startswith("nbd-harness/peers:bookworm-")
+    assert info.versions["qemu-utils"].startswith("1:7.2")
+    assert info.versions["nbdkit"].startswith("1.32")
+    assert info.has["qemu-nbd"] and info.has["nbd-server"] and info.has["nbdinfo"]
+
+
+def test_build_step_failure_carries_the_log_tail() -> None:
+    from fixtures.images import ImageBuildError, _run_streamed
+
+    shown: list[str] = []
+    with pytest.raises(ImageBuildError, match="exit code 4") as err:
+        _run_streamed(["sh", "-c", "for i in $(seq 1 50); do echo line $i; done; exit 4"], shown.append,
+                      prefix="[t] ", timeout=10)
+    assert "line 50" in str(err.value)
+    assert shown[:2] == ["[t] line 1", "[t] line 21"], "progress is shown while it runs"
+
+
+def test_silent_hanging_build_step_is_killed(tmp_path: Path) -> None:
+    from fixtures.images import ImageBuildError, _run_streamed
+    from fixtures.runs import proc_start_time
+
+    pidfile = tmp_path / "pid"
+    t0 = time.monotonic()
+    with pytest.raises(ImageBuildError, match="timed out"):
+        _run_streamed(["sh", "-c", f"sleep 30 & echo $! > {pidfile}; echo started; wait"], lambda s: None,
+                      prefix="", timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    assert proc_start_time(int(pidfile.read_text())) is None, "the whole process group is killed"

@@ -1,0 +1,159 @@
+"""Run identity and cleanup: Ctrl-C, SIGKILL of the owner, SIGKILL of a worker, live runs untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.images import docker_available
+from fixtures.runs import (
+    CREATOR_LABEL,
+    RUN_ENV,
+    RUN_LABEL,
+    ProcId,
+    _docker_ps,
+    current_run,
+    proc_start_time,
+    sweep_stale,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from fixtures.runs import current_run, cleanup_on_exit
+from fixtures.launch import start_server, export_workdir
+from fixtures.peerspec import PeerSpec
+from fixtures.exports import ExportRequest
+run = current_run()
+cleanup_on_exit(run, mine_only=os.environ.get("MINE_ONLY") == "1")
+pids, containers = [], []
+for launcher in sys.argv[2:]:
+    spec = PeerSpec(id="qemu-nbd-" + launcher, implementation="qemu-nbd", role="server", version="",
+                    launcher=launcher, suite="bookworm")
+    s = start_server(spec, ExportRequest(size=1 << 20), workdir=export_workdir(launcher))
+    (pids if launcher == "local" else containers).append(s.handle.pid if launcher == "local" else s.handle)
+print(json.dumps({"run": run.run_id, "workdir": str(run.workdir), "pids": pids, "containers": containers}),
+      flush=True)
+time.sleep(120)
+"""
+
+
+def launchers() -> list[str]:
+    return ["local", "docker"] if docker_available()[0] else ["local"]
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Isolate run dirs from other runs on this machine (containers are found by label anyway)."""
+    monkeypatch.setenv("NBD_HARNESS_STATE", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def spawn(script_dir: Path, *, join_run: str | None = None, mine_only: bool = False,
+          which: list[str] | None = None) -> tuple[subprocess.Popen[str], dict]:
+    script = script_dir / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ)
+    env.pop(RUN_ENV, None)
+    if join_run:
+        env[RUN_ENV] = join_run
+    env["MINE_ONLY"] = "1" if mine_only else "0"
+    proc = subprocess.Popen([sys.executable, str(script), str(ROOT), *(which or launchers())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    if not ready:
+        proc.kill()
+        pytest.fail("child did not start its peers within 60 s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=10)
+        pytest.fail(f"child failed: {proc.stderr.read()[-2000:]}")
+    return proc, json.loads(line)
+
+
+def leftovers(info: dict) -> dict[str, list]:
+    procs = [p for p in info["pids"] if proc_start_time(p) is not None]
+    containers = [c["id"] for c in _docker_ps([f"label={RUN_LABEL}={info['run']}"])]
+    return {"processes": procs, "containers": containers}
+
+
+def wait_clean(info: dict, seconds: float = 15.0) -> dict[str, list]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        left = leftovers(info)
+        if not any(left.values()):
+            return left
+        time.sleep(0.1)
+    return leftovers(info)
+
+
+def test_proc_id_detects_reuse() -> None:
+    me = ProcId.me()
+    assert me.alive()
+    assert not ProcId(me.pid, me.start + 1).alive(), "same pid, other start time: not the same process"
+    assert ProcId.parse(str(me)) == me and ProcId.parse("garbage") is None
+
+
+def test_current_run_is_shared_through_env(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RUN_ENV, raising=False)
+    run = current_run()
+    assert os.environ[RUN_ENV] == run.run_id and run.owner == ProcId.me() and run.workdir.is_dir()
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+                          "from fixtures.runs import current_run; r = current_run(); print(r.run_id, r.owner)",
+                          str(ROOT)], capture_output=True, text=True, timeout=30, env=dict(os.environ))
+    assert out.stdout.split() == [run.run_id, str(run.owner)], out.stderr
+
+
+def test_sigint_cleans_up(state: Path, tmp_path: Path) -> None:
+    proc, info = spawn(tmp_path)
+    assert all(proc_start_time(p) for p in info["pids"]), "peers must be running before the signal"
+    assert len(leftovers(info)["containers"]) == len(info["containers"])
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert wait_clean(info) == {"processes": [], "containers": []}
+    assert not Path(info["workdir"]).exists()
+
+
+def test_sigkill_then_sweep_cleans_up(state: Path, tmp_path: Path) -> None:
+    proc, info = spawn(tmp_path)
+    proc.kill()
+    proc.wait(timeout=10)
+    time.sleep(0.3)
+    before = leftovers(info)
+    assert before["processes"], "qemu-nbd outlives a SIGKILLed parent: that is what the sweep is for"
+    report = sweep_stale()
+    assert info["run"] in report.runs
+    assert wait_clean(info, 5) == {"processes": [], "containers": []}
+    assert not Path(info["workdir"]).exists()
+
+
+def test_sweep_spares_live_runs_and_removes_dead_workers(state: Path, tmp_path: Path) -> None:
+    """A live owner's peers survive a sweep; a SIGKILLed worker's peers in that live run do not."""
+    live, live_info = spawn(tmp_path)
+    try:
+        worker, worker_info = spawn(tmp_path, join_run=live_info["run"], mine_only=True)
+        assert worker_info["run"] == live_info["run"]
+        worker.kill()
+        worker.wait(timeout=10)
+        sweep_stale()
+        assert wait_clean(worker_info | {"run": "none"}, 5)["processes"] == []
+        left = leftovers(live_info)
+        assert sorted(left["processes"]) == sorted(live_info["pids"])
+        if live_info["containers"]:
+            mine = _docker_ps([f"label={RUN_LABEL}={live_info['run']}"])
+            assert {c["id"] for c in mine} == set(live_info["containers"]), "only the dead worker's go"
+            assert all(c.get(CREATOR_LABEL) for c in mine)
+    finally:
+        live.send_signal(signal.SIGINT)
+        live.wait(timeout=30)
+    assert wait_clean(live_info) == {"processes": [], "containers": []}
