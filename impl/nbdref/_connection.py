@@ -164,6 +164,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             self._record_violations()
         if self._state is not State.ERROR:
             self._state = target
+        if target is State.TLS_HANDSHAKE and len(self._buf):
+            # Whatever follows the STARTTLS ACK belongs to the TLS layer, not to NBD.
+            self._trailing += self._buf.take_all()
 
     _HANDLERS = {
         ev.NewstyleGreeting: NegotiationRules._on_newstyle,

@@ -23,9 +23,7 @@ _BEYOND_END: dict[int, tuple[str, int]] = {
     Cmd.TRIM: ("ERR-003", Err.EINVAL),
     Cmd.BLOCK_STATUS: ("BS-085", Err.EINVAL),
 }
-_ALL_FLAGS = 0
-for _f in CmdFlag:
-    _ALL_FLAGS |= _f
+_ALL_FLAGS = sum(int(f) for f in CmdFlag)  # a plain int: ~ of an IntFlag drops unknown bits
 _READ_ONLY_ERR: dict[int, str] = {Cmd.WRITE: "ERR-005", Cmd.TRIM: "ERR-005", Cmd.WRITE_ZEROES: "WZ-031"}
 
 
@@ -54,7 +52,7 @@ def refusals(cmd: int, flags: int, offset: int, length: int, st: Negotiated) -> 
             # "A server advertising NBD_FLAG_SEND_CACHE must reject CACHE requests carrying command flags
             # it does not recognise" (CACHE-006)
             out.append(("CACHE-006", None))
-    elif flags & ~VALID_CMD_FLAGS[Cmd(cmd)]:
+    elif flags & ~int(VALID_CMD_FLAGS[Cmd(cmd)]):
         out.append(("ERR-010", Err.EINVAL))  # "A flag not documented for the given command"
     if cmd == Cmd.WRITE_ZEROES and flags & CmdFlag.FAST_ZERO and not tx & TxFlag.SEND_FAST_ZERO:
         out.append(("WZ-026", Err.EINVAL))  # "...and should fail with NBD_EINVAL if FAST_ZERO is set anyway"

@@ -72,7 +72,7 @@ class TransmissionRules(Checker):
         valid = VALID_CMD_FLAGS.get(cmd)  # type: ignore[call-overload]
         if valid is not None:
             # "Clients MUST NOT set a command flag ... not documented for that command" (CMD-014)
-            self._check(not flags & ~valid, "CMD-014", f"flags {flags:#x} not valid for {Cmd(cmd).name}")
+            self._check(not flags & ~int(valid), "CMD-014", f"flags {flags:#x} not valid for {Cmd(cmd).name}")
         if cmd == Cmd.FLUSH:
             self._check(e.offset == 0 and e.length == 0, "FLUSH-004", "NBD_CMD_FLUSH with offset or length")
         if flags & CmdFlag.FUA and cmd not in WRITE_COMMANDS:
@@ -167,17 +167,28 @@ class TransmissionRules(Checker):
         if e.error == Err.ESHUTDOWN:
             self._shutdown_seen = True
 
-    def _complete(self, reply: _Reply) -> None:
-        del self._inflight[reply.request.cookie]
-        req = reply.request
+    def _negotiated(self) -> _outcome.Negotiated:
         bs = self.block_size
-        st = _outcome.Negotiated(
+        return _outcome.Negotiated(
             export_size=self.export_size,
             transmission_flags=self.transmission_flags or 0,
             min_block=bs[0] if bs else None,
             max_payload=bs[2] if bs else None,
             contexts=len(self.meta_contexts),
         )
+
+    def refusals(self, request: ev.Request) -> list[tuple[str, int | None]]:
+        """Why a correct server fails ``request`` now: ``[(req_id, NBD error or None = any error)]``.
+
+        The reference server can answer with the first error; the client side judges replies with the
+        same table when they complete.
+        """
+        return _outcome.refusals(request.command, request.flags, request.offset, request.length, self._negotiated())
+
+    def _complete(self, reply: _Reply) -> None:
+        del self._inflight[reply.request.cookie]
+        req = reply.request
+        st = self._negotiated()
         for req_id, why in _outcome.judge(req.command, req.flags, req.offset, req.length, reply.error, st):
             self._check(False, req_id, why)
         if self._sender is self.role:

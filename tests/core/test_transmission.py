@@ -247,3 +247,23 @@ def test_transcript_can_be_capped_and_disabled():
     off = Transcript(enabled=False)
     off.note("C", "x", "nothing")
     assert len(off) == 0
+
+
+def test_oldstyle_transmission():
+    p = ConnectionPair()
+    p.send(p.server, ev.OldstyleGreeting(export_size=4096, transmission_flags=TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH))
+    buf = bytearray(512)
+    p.send(p.client, ev.Request(cookie=5, command=Cmd.READ, offset=512, length=512, read_buffer=buf))
+    events = p.send(p.server, ev.SimpleReply(cookie=5, data=b"o" * 512))
+    assert events[0] == ev.SimpleReply(cookie=5, in_place=True) and buf == b"o" * 512
+    complete(events, 5)
+    complete(p.send(p.client, ev.Request(cookie=6, command=Cmd.FLUSH)) and p.send(p.server, ev.SimpleReply(cookie=6)), 6)
+    assert p.client.violations == p.server.violations == []
+
+
+def test_received_requests_use_the_enums():
+    p = pair()
+    (req,) = p.send(p.client, ev.Request(cookie=1, command=Cmd.FLUSH, flags=CmdFlag.FUA))
+    assert req.command is Cmd.FLUSH and isinstance(req.flags, CmdFlag)
+    (unknown,) = p.deliver(p.server, w.encode_request(ev.Request(cookie=2, command=0x77)))
+    assert unknown.command == 0x77

@@ -334,7 +334,10 @@ CASES: dict[str, Callable[[ConnectionPair], tuple]] = {
     ),
     "GO-022": lambda p: _go_differs_from_info(p),
     "BSZ-016": lambda p: _go_with(p, 1000, block=(512, 4096, 1 << 20)),
-    "EXT-012": lambda p: _go_with(p, 4096, flags=TxFlag.HAS_FLAGS | TxFlag.BLOCK_STATUS_PAYLOAD, extended=True),
+    "EXT-012": lambda p: (
+        opt(p, ev.OptGo(name="e"), extended=True).server,
+        ev.RepInfoExport(option=Opt.GO, export_size=4096, transmission_flags=TxFlag.HAS_FLAGS | TxFlag.BLOCK_STATUS_PAYLOAD),
+    ),
     # ------------------------------------------------ end of stream
     "SR-023": lambda p: (_read(p, first=True).client, b""),
     "DISC-025": lambda p: _disc_then_eof(p),
@@ -395,8 +398,8 @@ def _go_differs_from_info(p):
     return p.server, ev.RepAck(option=Opt.GO)
 
 
-def _go_with(p, size, flags=TxFlag.HAS_FLAGS, block=None, extended=False):
-    opt(p, ev.OptGo(name="e", info=(Info.BLOCK_SIZE,) if block else ()), extended=extended)
+def _go_with(p, size, flags=TxFlag.HAS_FLAGS, block=None):
+    opt(p, ev.OptGo(name="e", info=(Info.BLOCK_SIZE,) if block else ()))
     if block:
         p.send(p.server, ev.RepInfoBlockSize(option=Opt.GO, minimum=block[0], preferred=block[1], maximum=block[2]))
     p.send(p.server, ev.RepInfoExport(option=Opt.GO, export_size=size, transmission_flags=flags))

@@ -157,3 +157,64 @@ def test_sweep_spares_live_runs_and_removes_dead_workers(state: Path, tmp_path: 
         live.send_signal(signal.SIGINT)
         live.wait(timeout=30)
     assert wait_clean(live_info) == {"processes": [], "containers": []}
+
+
+PYTEST_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, os.environ["HARNESS_ROOT"])
+import pytest
+from fixtures.runs import ProcId, cleanup_run, current_run
+from fixtures.launch import start_server, export_workdir
+from fixtures.peerspec import PeerSpec
+from fixtures.exports import ExportRequest
+
+@pytest.fixture(scope="session")
+def peers():
+    run = current_run()
+    started = []
+    for launcher in os.environ["LAUNCHERS"].split(","):
+        spec = PeerSpec(id="qemu-nbd-" + launcher, implementation="qemu-nbd", role="server", version="",
+                        launcher=launcher, suite="bookworm")
+        started.append(start_server(spec, ExportRequest(size=1 << 20), workdir=export_workdir(launcher)))
+    yield started
+    cleanup_run(run)
+
+def test_waits(peers):
+    info = {"run": current_run().run_id, "workdir": str(current_run().workdir),
+            "pids": [s.handle.pid for s in peers if s.spec.launcher == "local"],
+            "containers": [s.handle for s in peers if s.spec.launcher == "docker"]}
+    print("INFO " + json.dumps(info), file=sys.__stdout__, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_ctrl_c_of_pytest_runs_session_cleanup(state: Path, tmp_path: Path) -> None:
+    """Ctrl-C during a test: pytest tears session fixtures down, and their cleanup removes the peers."""
+    (tmp_path / "test_child.py").write_text(PYTEST_CHILD)
+    env = {k: v for k, v in os.environ.items() if k != RUN_ENV}
+    env.update(HARNESS_ROOT=str(ROOT), LAUNCHERS=",".join(launchers()))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--rootdir",
+                             str(tmp_path), str(tmp_path / "test_child.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        info = None
+        while time.monotonic() < deadline and info is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                line = proc.stdout.readline()
+                if line.startswith("INFO "):
+                    info = json.loads(line[5:])
+                elif not line and proc.poll() is not None:
+                    break
+        assert info is not None, "child pytest did not start its peers"
+        assert len(leftovers(info)["containers"]) == len(info["containers"])
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert "KeyboardInterrupt" in out
+        assert wait_clean(info) == {"processes": [], "containers": []}
+        assert not Path(info["workdir"]).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

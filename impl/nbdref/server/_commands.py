@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from .. import events as ev
-from .._constants import Cmd, CmdFlag, Err
+from .._constants import Cmd, CmdFlag, Err, TxFlag
 from ..backends import STATE_ZERO, BackendError
 from ..personas import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP
 from ._export import Export
@@ -29,6 +29,12 @@ _VALID_FLAGS = {
     Cmd.CACHE: CmdFlag.FUA,
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE | CmdFlag.PAYLOAD_LEN,
+}
+
+# Commands that exist only when their transmission flag was advertised.
+_NEEDS_TXFLAG = {
+    Cmd.FLUSH: TxFlag.SEND_FLUSH, Cmd.TRIM: TxFlag.SEND_TRIM, Cmd.CACHE: TxFlag.SEND_CACHE,
+    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
 }
 
 _ERRNO_TO_NBD = {
@@ -80,8 +86,6 @@ class Executor:
 
     def check(self, req: ev.Request) -> None:
         """Raise RequestError for anything the spec says to refuse; return if the request may run."""
-        from .._constants import TxFlag
-
         cmd, flags, off, length = req.command, req.flags, req.offset, req.length
         size = self.export.size
         if cmd not in _VALID_FLAGS or cmd == Cmd.DISC:
@@ -92,10 +96,7 @@ class Executor:
             raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_FUA without NBD_FLAG_SEND_FUA")
         if flags & CmdFlag.PAYLOAD_LEN and not self.nego.extended:
             raise RequestError(Err.EINVAL, "NBD_CMD_FLAG_PAYLOAD_LEN without extended headers")
-        needed = {
-            Cmd.FLUSH: TxFlag.SEND_FLUSH, Cmd.TRIM: TxFlag.SEND_TRIM, Cmd.CACHE: TxFlag.SEND_CACHE,
-            Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
-        }.get(cmd)
+        needed = _NEEDS_TXFLAG.get(cmd)
         writes = cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
         if writes and self.export.read_only:
             # "SHOULD return NBD_EPERM if it receives a write or trim request on a read-only export".
@@ -201,8 +202,9 @@ class Executor:
         if length == 0:
             # "The client SHOULD NOT request a read length of 0 ... the server SHOULD NOT disconnect".
             return [ev.NoneChunk(cookie=cookie, done=True)]
-        if req.flags & CmdFlag.DF:
-            # "If this flag is set, the server MUST send at most one content chunk".
+        if req.flags & CmdFlag.DF or (not self.persona.offset_hole and not self.shape.chunk_size):
+            # DF: "If this flag is set, the server MUST send at most one content chunk".  Otherwise, with
+            # no holes to report and no splitting asked for, one chunk is also the fast path.
             return [ev.OffsetData(cookie=cookie, done=True, offset=off, data=b.pread(off, length))]
         pieces: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
         if self.persona.offset_hole:

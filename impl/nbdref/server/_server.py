@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -180,6 +181,9 @@ class Server:
                 continue
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Room for a whole 4 MiB reply in the kernel: fewer partial sendmsg rounds per READ.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             self.serve_transport(SocketTransport(sock), describe_peer(sock))
 
     def serve_transport(self, transport: Transport, peer: str, *, wait: bool = False) -> ConnectionRecord:
