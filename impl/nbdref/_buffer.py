@@ -1,8 +1,8 @@
 """Receive buffer with ``get_buffer()``/``buffer_updated()`` (like ``asyncio.BufferedProtocol``).
 
 The bytearray is never resized while a memoryview of it may be alive (a driver commonly keeps the
-last view in a local variable): growing or compacting allocates a new bytearray and copies the
-unread bytes, so an old view stays valid and harmless.
+last view in a local variable): compacting moves the unread bytes to the front with an equal-length
+slice assignment, and growing allocates a new bytearray, so an old view stays valid and harmless.
 """
 
 from __future__ import annotations
@@ -31,8 +31,13 @@ class ReceiveBuffer:
             return
         unread = self._end - self._start
         cap = len(self._buf)
-        if unread + free > cap or self._start == 0:
-            cap = max(cap * 2 if unread + free > cap else cap, unread + free)
+        if unread + free <= cap:
+            # Compact in place: a slice assignment of equal length never resizes, so live views of
+            # the bytearray stay valid (they only see stale bytes, which nobody reads any more).
+            self._buf[:unread] = self._buf[self._start : self._end]
+            self._start, self._end = 0, unread
+            return
+        cap = max(cap * 2, unread + free)
         new = bytearray(cap)
         new[:unread] = memoryview(self._buf)[self._start : self._end]
         self._buf, self._start, self._end = new, 0, unread

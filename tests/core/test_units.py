@@ -23,6 +23,18 @@ def test_buffer_grows_without_invalidating_old_views():
     assert b.take(4) == b"abcd"
 
 
+def test_buffer_compacts_in_place_while_a_view_is_alive():
+    b = ReceiveBuffer(capacity=64)
+    view = b.get_buffer(64)
+    view[:40] = bytes(range(40))
+    b.buffer_updated(40)
+    b.skip(30)
+    same = b._buf
+    b.get_buffer(50)  # 10 unread + 50 free fit in 64: moved to the front, no new allocation
+    assert b._buf is same and b.take(10) == bytes(range(30, 40))
+    view[:1] = b"!"  # the old view is still usable memory
+
+
 def test_buffer_feed_take_and_copy_into():
     b = ReceiveBuffer(capacity=8)
     b.feed(b"hello ")

@@ -165,3 +165,14 @@ def test_psk_from_a_client_container_of_another_suite() -> None:
             assert qio.ok and "read 512/512 bytes at offset 512" in qio.stdout, qio.stdout + qio.stderr
             info = runner.run(runner.tool_argv("nbdinfo", s, "--size"), timeout=30)
             assert info.ok and int(info.stdout) == req.size, info.stderr
+
+
+def test_qemu_52_storage_daemon_psk_over_tcp() -> None:
+    from fixtures.tls_material import make_tls_material
+
+    material = make_tls_material(current_run().workdir / "tls-qsd52")
+    req = ExportRequest(size=1 << 20, tls="psk", content="pattern")
+    with start_server(server_spec("qemu-storage-daemon", "docker", "bullseye"), req, workdir=export_workdir("qsd"),
+                      tls=material) as s:
+        assert s.transport == "tcp" and s.uri.startswith(f"nbds://{material.psk_identity}@127.0.0.1:")
+        assert_serves(s, req)
