@@ -24,6 +24,7 @@ from ._state import State
 _KNOWN_CMDS = frozenset(int(c) for c in Cmd)
 _KNOWN_REPLY_TYPES = frozenset(int(t) for t in ReplyType)
 _DATA_CAP = 64  # bytes of offending data kept in a Violation
+_MANDATORY = frozenset({"MUST", "MUST NOT"})
 
 
 def _cmd(cmd: int) -> str:
@@ -73,9 +74,14 @@ class Checker:
         peer's it records a Violation, raised later if its level is fatal or ``fatal`` (the stream
         cannot be parsed on).
         """
-        if ok or not self.strictness.enabled(req_id):
+        if ok:
             return True
         r = _req.get(req_id)
+        ours = self._sender is self.role
+        if not self.strictness.enabled(req_id):
+            if ours and r.level in _MANDATORY:
+                self.local_breach = True
+            return True
         v = Violation(
             req_id=req_id,
             level=r.level,
@@ -84,10 +90,15 @@ class Checker:
             data=self._raw[:_DATA_CAP],
             direction=self._sender.value,
         )
-        if self._sender is self.role:
+        if ours:
             # Our own breach: refused when its level is fatal, otherwise only noted (a SHOULD we skip).
             if self.strictness.check_local and self.strictness.is_fatal(v.level):
                 raise LocalProtocolError(f"{req_id}: {message}", violation=v)
+            if r.level in _MANDATORY:
+                # Sent on purpose: the peer may now hard-disconnect ("Either party may hard-disconnect on
+                # detecting a violation of a mandatory requirement", DISC-003 / DISC-017), so its EOF
+                # is not held against it.
+                self.local_breach = True
             self.transcript.note("!", "local", f"sent anyway: {v}")
             return False
         self._found.append(v)
@@ -116,7 +127,14 @@ class Checker:
             raise RemoteProtocolError(f"{fatal.req_id}: {fatal.message}", violation=fatal)
 
     def _violation_now(self, req_id: str, message: str, raw: bytes, *, fatal: bool = False) -> None:
-        """A peer breach found while parsing, before any event exists."""
+        """A peer breach found while parsing, before any event exists.
+
+        The parser may see the same header again after NEED_DATA; a breach is recorded once per message
+        (``_parse_noted`` is cleared when the message is consumed).
+        """
+        if (req_id, message) in self._parse_noted:
+            return
+        self._parse_noted.add((req_id, message))
         self._sender, self._raw = self.peer, raw
         self._found, self._fatal_ids = [], set()
         self._check(False, req_id, message, fatal=fatal)

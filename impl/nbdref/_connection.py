@@ -10,6 +10,8 @@ the one place where that conversion happens. ``_parse`` turns the peer's bytes i
 
 from __future__ import annotations
 
+from collections import deque
+
 from . import _events as ev
 from . import _wire as w
 from ._buffer import ReceiveBuffer
@@ -79,6 +81,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._meta_export: str | None = None
         # Transmission phase.
         self._inflight: dict[int, _Reply] = {}
+        self._completed: deque[int] = deque(maxlen=256)  # recently completed cookies (SR-011)
         self._next_cookie = 1
         self._sender: Role = role
         self._raw: bytes = b""
@@ -86,9 +89,13 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._fatal_ids: set[int] = set()
         self._sink_raw: tuple[int, bytes] = (0, b"")
         self._zeroes_suspect = ""  # requirement id if zero padding would break a rule right now
-        self._shutdown_seen = False
+        self._shutdown_seen = False  # NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN received from the server
         self._last_info: tuple | None = None  # (name, info, RepInfoExport) of the last successful INFO
-        self._options_since_info = 0  # NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN received from the server
+        self._options_since_info = 0
+        self._last_reply_failed = False  # the last final option reply was an error
+        self._parse_noted: set[tuple[str, str]] = set()  # parse-time breaches of the current message
+        # We sent raw bytes or broke a mandatory rule: the peer's hard disconnect is then legitimate.
+        self.local_breach = False
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -198,6 +205,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
 
     def send_raw(self, data: bytes) -> bytes:
         """Arbitrary bytes for fault injection: recorded as raw, the state does not move."""
+        self.local_breach = True
         self.transcript.note(self.role.value, "raw", f"raw {len(data)} bytes {bytes(data[:16]).hex()}", len(data))
         return bytes(data)
 
@@ -332,7 +340,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._found, self._fatal_ids = [], set()
         if len(self._buf) or self._sink_left:
             self.transcript.note("!", "truncated", f"EOF inside a message ({len(self._buf)} bytes pending)")
-        if self.role is CLIENT and self._state in (State.TRANSMISSION, State.DISCONNECTING) and self._inflight:
+        if self.local_breach:
+            pass  # "Either party may hard-disconnect on detecting a violation" by the other (DISC-003/017)
+        elif self.role is CLIENT and self._state in (State.TRANSMISSION, State.DISCONNECTING) and self._inflight:
             partial = [r for r in self._inflight.values() if r.chunks]
             if partial:
                 # "NBD_REPLY_FLAG_DONE MUST be set on the final chunk" (SR-023)
@@ -344,14 +354,17 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
                 # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
                 self._check(False, "DISC-024", f"EOF with {len(self._inflight)} requests in flight")
         elif self.role is CLIENT and self._state is State.OPTIONS:
-            # The server may close after an unsatisfiable NBD_OPT_EXPORT_NAME (OPT-001) or NBD_OPT_ABORT
-            # (OPT-014); "No party may hard-disconnect during haggling" otherwise (DISC-006).
+            # The server may close after an unsatisfiable NBD_OPT_EXPORT_NAME (OPT-001), NBD_OPT_ABORT
+            # (OPT-014) or client flags it must refuse (HS-017); "No party may hard-disconnect during
+            # haggling" otherwise (DISC-006).
             pending = self._pending.option if self._pending is not None else None
-            if pending not in (Opt.EXPORT_NAME, Opt.ABORT):
+            if pending not in (Opt.EXPORT_NAME, Opt.ABORT) and not self._bad_client_flags():
                 self._check(False, "DISC-006", f"server closed during option haggling (pending {pending})")
         elif self.role is SERVER and self._state is State.OPTIONS and self._pending is None:
-            # "Outside those circumstances a client must not hard-disconnect" (DISC-007)
-            self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
+            # After an error reply the client may give up (TLS refused or required, TLS-031/036/040/041;
+            # failed TLS, DISC-005); otherwise "a client must not hard-disconnect" (DISC-007).
+            if not self._last_reply_failed:
+                self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
         elif self.role is SERVER and self._state is State.TRANSMISSION:
             # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
             self._check(False, "DISC-024", "client closed without NBD_CMD_DISC")

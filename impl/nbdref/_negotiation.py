@@ -170,6 +170,7 @@ class NegotiationRules(Checker):
                 self._check(r.context_id == 0, "BS-041", f"LIST_META_CONTEXT reply with id {r.context_id}")
         if final:
             self._pending = None
+            self._last_reply_failed = isinstance(r, ev.RepError)
 
     def _on_rep_error(self, opt: ev.Option, r: ev.RepError) -> None:
         code = opt.option
@@ -248,10 +249,14 @@ class NegotiationRules(Checker):
             f"{before.export_size} / {before.transmission_flags:#x}",
         )
 
+    def _bad_client_flags(self) -> bool:
+        """The client set an unknown flag or one the server did not advertise."""
+        cf, hs = self.client_flags or 0, self.handshake_flags or 0
+        return bool(cf & ~0x3 or (cf & ClientFlag.NO_ZEROES and not hs & HandshakeFlag.NO_ZEROES))
+
     def _client_flags_dropped(self) -> None:
         """The server answered although the client flags obliged it to drop the connection."""
-        cf, hs = self.client_flags or 0, self.handshake_flags or 0
-        bad = cf & ~0x3 or (cf & ClientFlag.NO_ZEROES and not hs & HandshakeFlag.NO_ZEROES)
+        cf, bad = self.client_flags or 0, self._bad_client_flags()
         # "The server MUST drop the connection if the client sets an unknown flag or a flag the server
         # did not advertise" (HS-017)
         self._check(not bad, "HS-017", f"server carried on after client flags {cf:#x}")
@@ -280,6 +285,9 @@ class NegotiationRules(Checker):
             self.meta_contexts = {}
 
     def _on_rep_info(self, r: ev.RepInfo) -> None:
+        # "Each information type SHOULD appear only once per export" (GO-028)
+        again = any(i.info_type == r.info_type for i in self._pending_infos)
+        self._check(not again, "GO-028", f"NBD_INFO type {r.info_type} sent twice")
         self._pending_infos.append(r)
         if isinstance(r, ev.RepInfoExport):
             self._tx_flags(r.transmission_flags)

@@ -12,7 +12,9 @@ from . import _events as ev
 from . import _wire as w
 from ._checker import _DATA_CAP, _KNOWN_CMDS, Checker, _Reply
 from ._constants import (
+    MAX_EXTENTS_PER_CHUNK,
     REP_FLAG_ERROR,
+    STRING_MAX,
     Cmd,
     CmdFlag,
     Magic,
@@ -21,6 +23,26 @@ from ._constants import (
     ReplyType,
 )
 from ._state import NEED_DATA, State, _NeedData
+
+_SINK_THRESHOLD = 64 * 1024  # WRITE payloads from this size on are received in place
+
+
+_UNKNOWN_CHUNK_CAP = 65536 + 4096
+
+
+def _chunk_cap(rtype: int, request_length: int) -> int:
+    """Largest plausible length of a chunk of ``rtype`` answering a request of ``request_length`` bytes.
+
+    Block status needs at least one byte of the export per descriptor, error chunks carry at most a
+    4096-byte message; anything longer cannot be a correct reply and is not buffered.
+    """
+    if rtype == ReplyType.BLOCK_STATUS:
+        return 4 + 8 * max(min(request_length, MAX_EXTENTS_PER_CHUNK * 2), 1)
+    if rtype == ReplyType.BLOCK_STATUS_EXT:
+        return 8 + 16 * max(min(request_length, MAX_EXTENTS_PER_CHUNK * 2), 1)
+    if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+        return 6 + STRING_MAX + 8
+    return _UNKNOWN_CHUNK_CAP
 
 
 class Parsers(Checker):
@@ -35,6 +57,7 @@ class Parsers(Checker):
 
     def _receive(self, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event:
         """Run the shared checks/effects on a decoded peer message and record it."""
+        self._parse_noted.clear()
         self.transcript.record(self.peer.value, e, nbytes)
         self._process(self.peer, e, raw)
         return e
@@ -200,17 +223,22 @@ class Parsers(Checker):
         head = buf.peek(hsize)
         reply = self._inflight.get(cookie)
         if reply is None:
+            if cookie in self._completed:
+                # "The chunk with NBD_REPLY_FLAG_DONE MUST be the last chunk sent for that cookie" (SR-011)
+                self._violation_now("SR-011", f"chunk for cookie {cookie} after its final chunk", head, fatal=True)
             self._violation_now("CMD-003", f"chunk for cookie {cookie}, which is not in flight", head, fatal=True)
             raise self._fail(f"chunk for unknown cookie {cookie}")
         req = reply.request
         # "The extended reply's offset field MUST equal the request offset" (EXT-007)
         if hdr_offset is not None and hdr_offset != req.offset:
-                self._violation_now("EXT-007", f"header offset {hdr_offset} != request offset {req.offset}", head)
+            self._violation_now("EXT-007", f"header offset {hdr_offset} != request offset {req.offset}", head)
         done = bool(flags & ReplyFlag.DONE)
         if rtype == ReplyType.OFFSET_DATA and req.command == Cmd.READ:
             return self._parse_offset_data(hsize, cookie, done, length, reply, head)
-        if length > self.strictness.max_payload:
-            raise self._fail(f"chunk of {length} bytes exceeds the {self.strictness.max_payload}-byte cap")
+        cap = min(_chunk_cap(rtype, req.length), self.strictness.max_payload)
+        if length > cap:
+            # Refused before buffering: a hostile length must not make us reserve memory for it.
+            raise self._fail(f"chunk type {rtype:#x} of {length} bytes exceeds its {cap}-byte cap")
         if not self._have(hsize + length):
             return NEED_DATA
         buf.skip(hsize)
@@ -264,6 +292,8 @@ class Parsers(Checker):
     def _parse_from_client(self) -> ev.Event | _NeedData:
         st = self._state
         buf = self._buf
+        if self._sink is not None:
+            return self._drain_sink()
         if st is State.CLIENT_FLAGS:
             if not self._have(4):
                 return NEED_DATA
@@ -333,12 +363,21 @@ class Parsers(Checker):
         plen = length if has_payload else 0
         if plen > self.strictness.max_payload:
             raise self._fail(f"request payload of {plen} bytes exceeds the {self.strictness.max_payload}-byte cap")
+        command = Cmd(cmd) if cmd in _KNOWN_CMDS else cmd
+        if plen >= _SINK_THRESHOLD and self._have(layout.size):
+            # A large WRITE payload is received straight into its own buffer (get_buffer hands out
+            # that buffer), instead of accumulating in the receive buffer and being copied out.
+            raw = buf.take(layout.size)
+            payload = bytearray(plen)
+            e = ev.Request(
+                cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=payload
+            )
+            return self._start_sink(memoryview(payload), e, layout.size + plen, raw)
         if not self._have(layout.size + plen):
             return NEED_DATA
         raw = buf.take(layout.size)
-        payload = buf.take(plen) if has_payload else None
-        command = Cmd(cmd) if cmd in _KNOWN_CMDS else cmd
+        small = buf.take(plen) if has_payload else None
         e = ev.Request(
-            cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=payload
+            cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=small
         )
         return self._receive(e, layout.size + plen, raw)

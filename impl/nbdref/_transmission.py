@@ -137,8 +137,12 @@ class TransmissionRules(Checker):
                 # maximum payload size" (BSZ-025)
                 self._check(e.length <= mx, "BSZ-025", f"length {e.length} exceeds maximum payload {mx}")
 
-    def _reply_for(self, cookie: int) -> _Reply | None:
+    def _reply_for(self, cookie: int, chunk: bool = False) -> _Reply | None:
         reply = self._inflight.get(cookie)
+        if reply is None and chunk and cookie in self._completed:
+            # "The chunk with NBD_REPLY_FLAG_DONE MUST be the last chunk sent for that cookie" (SR-011)
+            self._check(False, "SR-011", f"chunk for cookie {cookie} after its final chunk", fatal=True)
+            return None
         # "Every reply MUST carry the request's cookie unchanged" (CMD-003): an unknown cookie is a
         # reply to nothing we sent, or to a request that already completed.
         self._check(reply is not None, "CMD-003", f"reply for cookie {cookie}, which is not in flight", fatal=True)
@@ -187,6 +191,7 @@ class TransmissionRules(Checker):
 
     def _complete(self, reply: _Reply) -> None:
         del self._inflight[reply.request.cookie]
+        self._completed.append(reply.request.cookie)
         req = reply.request
         st = self._negotiated()
         for req_id, why in _outcome.judge(req.command, req.flags, req.offset, req.length, reply.error, st):
@@ -203,7 +208,7 @@ class TransmissionRules(Checker):
         self._check(
             self.structured_replies or self.extended_headers, "SR-004", "chunk without structured replies"
         )
-        reply = self._reply_for(e.cookie)
+        reply = self._reply_for(e.cookie, chunk=True)
         if reply is None:
             return
         reply.chunks += 1

@@ -5,6 +5,7 @@ Loaded once, lazily: importing nbdref must stay cheap for drivers that never ask
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -69,3 +70,17 @@ def binds(req_id: str) -> str:
 
 def text(req_id: str) -> str:
     return get(req_id).text
+
+
+# The core modules whose checks name requirement ids (see _checker._check).
+_CORE_MODULES = ("_checker", "_negotiation", "_transmission", "_parse", "_connection", "_wire", "_outcome")
+
+
+@cache
+def checked_by_core() -> frozenset[str]:
+    """Ids the sans-I/O core checks on the wire (read from its sources, so it cannot go stale)."""
+    here = Path(__file__).parent
+    found: set[str] = set()
+    for name in _CORE_MODULES:
+        found.update(re.findall(r'"([A-Z]+-\d{3})"', (here / f"{name}.py").read_text()))
+    return frozenset(found)

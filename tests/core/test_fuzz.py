@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nbdref import NEED_DATA, Cmd, CmdFlag, ProtocolError, Strictness, TxFlag
@@ -171,6 +172,49 @@ def test_client_survives_mutated_valid_stream(flips, cut, cuts):
     _drain(p.client, bytes(data[: max(cut, 1)]), cuts)
 
 
+def _valid_client_stream(extended: bool) -> tuple[ConnectionPair, bytes]:
+    """A server in transmission and the client bytes of a correct batch of requests."""
+    p = ConnectionPair()
+    flags = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES
+    p.handshake(contexts=("base:allocation",), extended=extended, tx_flags=flags)
+    c = p.client
+    wflag = CmdFlag.PAYLOAD_LEN if extended else 0
+    out = b"".join(
+        [
+            c.send(ev.Request(cookie=1, command=Cmd.WRITE, flags=wflag | CmdFlag.FUA, offset=0, length=100, payload=bytes(100))),
+            c.send(ev.Request(cookie=2, command=Cmd.READ, offset=512, length=4096)),
+            c.send(ev.Request(cookie=3, command=Cmd.TRIM, offset=0, length=4096)),
+            c.send(ev.Request(cookie=4, command=Cmd.WRITE_ZEROES, flags=CmdFlag.NO_HOLE, offset=0, length=4096)),
+            c.send(ev.Request(cookie=5, command=Cmd.BLOCK_STATUS, offset=0, length=8192)),
+            c.send(ev.Request(cookie=6, command=Cmd.WRITE, flags=wflag, offset=0, length=70000, payload=bytes(70000))),
+        ]
+    )
+    return p, out
+
+
+@SETTINGS
+@given(
+    extended=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=80_000), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.integers(min_value=0, max_value=80_000),
+    cuts=CUTS,
+)
+def test_server_survives_mutated_valid_stream(extended, flips, cut, cuts):
+    p, stream = _valid_client_stream(extended)
+    data = bytearray(stream)
+    for pos, byte in flips:
+        data[pos % len(data)] = byte
+    _drain(p.server, bytes(data[: max(cut, 1)]), cuts)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_the_valid_client_stream_is_valid(extended):
+    p, stream = _valid_client_stream(extended)
+    events = p.deliver(p.server, stream)
+    assert [e.cookie for e in events] == [1, 2, 3, 4, 5, 6]
+    assert p.server.violations == []
+
+
 def test_the_valid_stream_is_valid():
     """The unmutated stream decodes without a violation (so mutations are what the fuzzer tests)."""
     p, stream = _valid_server_stream()
@@ -192,6 +236,9 @@ def test_huge_declared_lengths_do_not_allocate():
     _drain(p2.server, w.OPTION_HEADER.pack(0x49484156454F5054, 7, 0xFFFFFFFF), [])
     p3 = _client_in("structured")
     _drain(p3.client, w.encode_chunk_header(0, 1, 1, 0xFFFFFFFF, False) + bytes(8), [])
+    p4 = _client_in("structured")  # a block status chunk cannot need more than 8 bytes per byte asked
+    _drain(p4.client, w.encode_chunk_header(0, 5, 3, 60 << 20, False), [])
+    assert p4.client.state.name == "ERROR"
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 8 * 1024 * 1024

@@ -267,3 +267,20 @@ def test_received_requests_use_the_enums():
     assert req.command is Cmd.FLUSH and isinstance(req.flags, CmdFlag)
     (unknown,) = p.deliver(p.server, w.encode_request(ev.Request(cookie=2, command=0x77)))
     assert unknown.command == 0x77
+
+
+def test_large_write_payload_is_received_in_place():
+    p = pair()
+    data = bytes(range(256)) * 1024  # 256 KiB
+    parts = p.client.send_iov(ev.Request(cookie=1, command=Cmd.WRITE, offset=0, length=len(data), payload=data))
+    assert parts[1] is data  # send_iov does not copy the payload
+    s = p.server
+    s.receive_data(parts[0] + data[:1000])
+    assert s.next_event() is NEED_DATA
+    view = s.get_buffer()
+    assert len(view) == len(data) - 1000  # exactly the rest of the payload, in the payload's own buffer
+    view[:] = data[1000:]
+    s.buffer_updated(len(view))
+    (req,) = [s.next_event()]
+    assert req.payload == data and req.length == len(data)
+    assert s.next_event() is NEED_DATA

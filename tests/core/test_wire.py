@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nbdref import _wire as w
 from nbdref import events as ev
 from nbdref._constants import Cmd, CmdFlag, Info, Magic, Opt, Rep, ReplyType, TxFlag
@@ -171,3 +173,73 @@ def test_strings_keep_invalid_utf8():
     s = w.dec_str(b"a\xffb")
     assert not w.is_valid_utf8(s)
     assert w.enc_str(s) == b"a\xffb"
+
+
+# ---------------------------------------------------------------- property: decode(encode(x)) == x
+
+
+NAMES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+U16S = st.integers(0, 0xFFFF)
+U32S = st.integers(0, 0xFFFFFFFF)
+U64S = st.integers(0, (1 << 64) - 1)
+OPTION_EVENTS = st.one_of(
+    st.builds(ev.OptExportName, name=NAMES),
+    st.builds(ev.OptInfo, name=NAMES, info=st.lists(U16S, max_size=5).map(tuple)),
+    st.builds(ev.OptGo, name=NAMES, info=st.lists(U16S, max_size=5).map(tuple)),
+    st.builds(ev.OptListMetaContext, name=NAMES, queries=st.lists(NAMES, max_size=4).map(tuple)),
+    st.builds(ev.OptSetMetaContext, name=NAMES, queries=st.lists(NAMES, max_size=4).map(tuple)),
+    st.builds(ev.OptList, data=st.binary(max_size=8)),
+    st.builds(ev.OptUnknown, option=st.integers(12, 0xFFFFFFFF), data=st.binary(max_size=8)),
+)
+REPLY_EVENTS = st.one_of(
+    st.builds(ev.RepServer, option=U32S, name=NAMES, details=NAMES),
+    st.builds(ev.RepInfoExport, option=U32S, export_size=U64S, transmission_flags=U16S),
+    st.builds(ev.RepInfoBlockSize, option=U32S, minimum=U32S, preferred=U32S, maximum=U32S),
+    st.builds(ev.RepInfoName, option=U32S, name=NAMES),
+    st.builds(ev.RepMetaContext, option=U32S, context_id=U32S, name=NAMES),
+    st.builds(ev.RepError, option=U32S, reply_type=st.integers(1 << 31, 0xFFFFFFFF), message=NAMES),
+)
+CHUNK_EVENTS = st.one_of(
+    st.builds(ev.OffsetHole, cookie=U64S, done=st.booleans(), offset=U64S, length=U32S),
+    st.builds(
+        ev.BlockStatus,
+        cookie=U64S,
+        done=st.booleans(),
+        context_id=U32S,
+        extents=st.lists(st.tuples(U32S, U32S), min_size=1, max_size=6).map(tuple),
+        extended=st.just(False),
+    ),
+    st.builds(
+        ev.BlockStatus,
+        cookie=U64S,
+        done=st.booleans(),
+        context_id=U32S,
+        extents=st.lists(st.tuples(U64S, U64S), min_size=1, max_size=6).map(tuple),
+        extended=st.just(True),
+    ),
+    st.builds(ev.ErrorChunk, cookie=U64S, done=st.booleans(), error=U32S, message=NAMES, offset=st.none() | U64S),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPTION_EVENTS)
+def test_every_option_round_trips(opt):
+    raw = w.encode_option(opt)
+    _, code, length = w.OPTION_HEADER.unpack_from(raw)
+    assert length == len(raw) - 16 and w.decode_option(code, raw[16:]) == opt
+
+
+@settings(max_examples=300, deadline=None)
+@given(REPLY_EVENTS)
+def test_every_option_reply_round_trips(rep):
+    raw = w.encode_option_reply(rep)
+    _, option, rtype, _ = w.OPTION_REPLY_HEADER.unpack_from(raw)
+    assert w.decode_option_reply(option, rtype, raw[20:]) == rep
+
+
+@settings(max_examples=300, deadline=None)
+@given(CHUNK_EVENTS)
+def test_every_chunk_round_trips(chunk):
+    ext = bool(getattr(chunk, "extended", False))
+    payload = w.chunk_payload(chunk, ext)
+    assert w.decode_chunk(chunk.cookie, int(chunk.done), w.chunk_type(chunk, ext), payload) == chunk

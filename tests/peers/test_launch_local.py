@@ -176,3 +176,13 @@ def test_peer_ignoring_sigterm_is_killed_in_bounded_time(tmp_path: Path) -> None
     s.stop()
     assert time.monotonic() - t0 < 5
     assert proc_start_time(pid) is None
+
+
+def test_host_nbdsh_uses_debian_python(tmp_path: Path) -> None:
+    """nbdsh runs `python3 -m nbd`: with a pyenv/venv python3 first in PATH it would not find libnbd."""
+    need("nbdsh")
+    need("nbdkit")
+    with start_server(server_spec("nbdkit"), ExportRequest(size=64 * 1024), workdir=tmp_path) as s:
+        runner = client_runner(LOCAL_CLIENT, workdir=tmp_path)
+        res = runner.run(runner.tool_argv("nbdsh", s, "-c", "print(h.get_size())"), timeout=20)
+        assert res.ok and res.stdout.strip() == str(64 * 1024), res.stderr

@@ -80,6 +80,14 @@ def test_file_backend_real_holes(tmp_path):
     b.close()
 
 
+def test_file_backend_never_shrinks(tmp_path):
+    path = tmp_path / "big.img"
+    path.write_bytes(b"x" * 8192)
+    with pytest.raises(ValueError):
+        FileBackend(path, size=4096)
+    assert path.stat().st_size == 8192
+
+
 def test_file_backend_read_only(tmp_path):
     path = tmp_path / "ro.img"
     path.write_bytes(b"hello" + bytes(4091))

@@ -171,3 +171,30 @@ def test_handshake_limit_can_be_switched_off(serve):
     c.sendall(struct.pack(">I", 3) + rc.option(2))
     assert rc.read_option_reply(c)[1] == 1
     c.close()
+
+
+def test_oversize_structured_read_is_eoverflow(serve):
+    s = serve([Export.memory("exp", 128 * MiB)])
+    c = rc.pair(s)
+    rc.handshake(c, structured=True)
+    c.sendall(rc.request(0, 0, 64 * MiB, cookie=3))
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", rc.recv_exact(c, 20))
+    err, _msglen = struct.unpack(">IH", rc.recv_exact(c, 6))
+    rc.recv_exact(c, length - 6)
+    assert (magic, rtype, cookie, flags & 1, err) == (0x668E33EF, 0x8001, 3, 1, 75)  # NBD_EOVERFLOW
+    c.close()
+
+
+def test_each_violation_and_disconnect_is_logged(server, caplog):
+    caplog.set_level("INFO", logger="nbdref.server")
+    c = rc.pair(server)
+    rc.handshake(c)
+    c.sendall(rc.request(3, 4096, 4096, cookie=1))  # FLUSH with offset/length: FLUSH-004
+    assert rc.simple_reply(c)[1] == 1
+    c.close()
+    rec = _ended(server)
+    ids = [v.req_id for v in rec.violations]
+    assert "FLUSH-004" in ids
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("FLUSH-004" in line for line in lines), lines
+    assert any(f"connection {rec.id} " in line and "closed:" in line for line in lines), lines

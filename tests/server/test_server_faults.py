@@ -117,3 +117,25 @@ def test_reference_client_names_the_broken_rule(serve):
     ids = {v.req_id for v in c.violations}
     assert ids, "the reference client recorded no violation"
     assert any(i.startswith(("SR-", "RD-")) for i in ids), ids
+
+
+def test_wrong_option_reply_magic(serve):
+    c = rc.pair(_server(serve, "wrong-option-reply-magic"))
+    rc.recv_exact(c, 18)
+    c.sendall(struct.pack(">I", 3) + rc.option(3))  # NBD_OPT_LIST
+    magic = struct.unpack(">Q", rc.recv_exact(c, 8))[0]
+    assert magic != rc.OPT_REPLY_MAGIC
+    c.close()
+
+
+@pytest.mark.parametrize(("fault", "rtype", "done"), [("missing-done", 1, 0), ("error-chunk-zero-error", 0x8001, 1)])
+def test_structured_chunk_faults(serve, fault, rtype, done):
+    c = rc.pair(_server(serve, fault))
+    rc.handshake(c, structured=True)
+    c.sendall(rc.request(0, 0, 512, cookie=4))
+    magic, flags, got_type, cookie, length = struct.unpack(">IHHQI", rc.recv_exact(c, 20))
+    payload = rc.recv_exact(c, length)
+    assert (magic, got_type, cookie, flags & 1) == (0x668E33EF, rtype, 4, done)
+    if fault == "error-chunk-zero-error":
+        assert struct.unpack(">I", payload[:4])[0] == 0
+    c.close()

@@ -34,12 +34,31 @@ def _valid_session() -> bytes:
     return out
 
 
+def _valid_extended_session() -> bytes:
+    """Extended headers: 32-byte requests, WRITE with PAYLOAD_LEN, block status with a payload."""
+    name, q = b"exp", b"base:allocation"
+    out = struct.pack(">I", 3) + rc.option(11)
+    out += rc.option(10, struct.pack(">I", 3) + name + struct.pack(">II", 1, len(q)) + q)
+    out += rc.option(7, struct.pack(">I", 3) + name + struct.pack(">H", 0))
+
+    def ext(cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+        return struct.pack(">IHHQQQ", 0x21E41C71, flags, cmd, cookie, offset, length)
+
+    out += ext(1, 1, 0, 8, flags=0x20) + b"ABCDEFGH"
+    out += ext(0, 2, 0, 4096)
+    out += ext(7, 3, 0, 12, flags=0x20) + struct.pack(">QI", 65536, 1)
+    out += ext(4, 4, 8192, 8192)
+    out += ext(2, 5)
+    return out
+
+
 VALID = _valid_session()
+SEEDS = [VALID, _valid_extended_session()]
 
 
 @st.composite
 def mutated(draw) -> bytes:
-    data = bytearray(VALID)
+    data = bytearray(draw(st.sampled_from(SEEDS)))
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(st.sampled_from(["flip", "cut", "insert", "dup"]))
         pos = draw(st.integers(0, max(0, len(data) - 1)))
@@ -83,7 +102,7 @@ def _feed(server: Server, data: bytes) -> None:
     assert not bad, bad
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=mutated())
 def test_mutated_sessions(fuzz_server, data):
     _feed(fuzz_server, data)
@@ -93,6 +112,17 @@ def test_mutated_sessions(fuzz_server, data):
 @given(data=st.binary(max_size=300))
 def test_random_bytes(fuzz_server, data):
     _feed(fuzz_server, struct.pack(">I", 3) + data)
+
+
+@pytest.mark.parametrize("seed", range(len(SEEDS)))
+def test_unmutated_seeds_are_clean(fuzz_server, seed):
+    """The seeds are correct sessions, except that they pipeline NBD_CMD_DISC behind requests still in
+    flight ("The client ... SHOULD wait until there are no inflight requests first": DISC-023)."""
+    n = len(fuzz_server.records)
+    _feed(fuzz_server, SEEDS[seed])
+    rec = fuzz_server.records[n]
+    assert rec.reason == "client sent NBD_CMD_DISC", rec.reason
+    assert {v.req_id for v in rec.violations} <= {"DISC-023"}, rec.violations
 
 
 def test_server_still_serves_after_fuzzing(fuzz_server):

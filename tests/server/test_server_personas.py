@@ -80,3 +80,18 @@ h.shutdown()
     s2 = serve([Export.memory("exp", 4 * MiB)])  # nbdref: a sparse read is one hole chunk
     assert run([*NBDSH, "-u", s2.uri, "-c", script]).stdout.strip() == "False"
     clean(s2)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-io"), reason="qemu-utils not installed")
+@pytest.mark.parametrize("persona", ["qemu-2.6", "qemu-2.10", "qemu-2.12", "nbd-server-3.24", "nbdkit-1.24"])
+def test_qemu_io_works_against_older_personas(serve, persona):
+    """qemu 7.2's client falls back (EXPORT_NAME, no SR, no block status) and still reads and writes."""
+    s = serve([Export.memory("exp", 4 * MiB)], persona=persona)
+    r = run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k", s.uri])
+    assert "Pattern verification failed" not in r.stdout
+    clean(s)
+    wire = str(s.records[0].transcript)
+    if persona == "qemu-2.6":
+        assert "NBD_OPT_EXPORT_NAME" in wire and "NBD_REPLY_TYPE" not in wire
+    if persona in ("qemu-2.10", "nbd-server-3.24"):
+        assert "NBD_REP_ERR_UNSUP (to NBD_OPT_STRUCTURED_REPLY)" in wire and "NBD_REPLY_TYPE" not in wire

@@ -77,3 +77,15 @@ def test_qemu_io_read_only_export(serve):
     r = run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", s.uri])
     assert "read 4096/4096" in r.stdout
     clean(s)
+
+
+def test_qemu_img_map_dirty_bitmap(serve):
+    """qemu's x-dirty-bitmap maps qemu:dirty-bitmap:NAME onto block status: dirty shows as data=false."""
+    s = serve([Export.memory("exp", 4 * MiB, bitmaps=("b0",))])
+    run(["qemu-io", "-f", "raw", "-c", "write -P 1 1M 4k", s.uri])
+    path = s.address
+    m = json.loads(run(["qemu-img", "map", "--output=json", "--image-opts",
+                        f"driver=nbd,path={path},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:b0"]).stdout)
+    dirty = [(x["start"], x["length"]) for x in m if not x["data"]]
+    assert dirty == [(MiB, 65536)]  # one 64 KiB bitmap granule around the 4 KiB write
+    clean(s, 2)

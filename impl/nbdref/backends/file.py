@@ -50,14 +50,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 
 class FileBackend(Backend):
-    """A file opened for the lifetime of the backend; ``size`` creates or extends it sparsely."""
+    """A file opened for the lifetime of the backend; ``size`` creates or extends it sparsely (never
+    shrinks it)."""
 
     def __init__(self, path: str | os.PathLike[str], *, size: int | None = None, read_only: bool = False) -> None:
         self.path = os.fspath(path)
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-        if size is not None and not read_only and os.fstat(self._fd).st_size != size:
-            os.ftruncate(self._fd, size)
+        current = os.fstat(self._fd).st_size
+        if size is not None and not read_only and current != size:
+            if current > size:  # never cut an existing image short
+                os.close(self._fd)
+                raise ValueError(f"{self.path} is {current} bytes, larger than the requested size {size}")
+            os.ftruncate(self._fd, size)  # sparse: the new tail is a hole
         self.size = os.fstat(self._fd).st_size
         self.read_only = read_only
         self._lock = threading.Lock()

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     common = dict(persona=args.persona, fault=args.fault, tls=tls, workers=args.threads,
                   handshake_timeout=None if args.no_handshake_timeout else args.handshake_timeout,
-                  read_chunk_size=args.split_reads, transcript=not args.no_transcript)
+                  read_chunk_size=args.split_reads, transcript=not args.no_transcript,
+                  max_records=100)  # a long-running server must not keep every transcript forever
     if args.stdin:
         return _serve_stdin(export, common)
     # Like nbdkit and qemu-nbd: sockets passed by socket activation are used without being asked.

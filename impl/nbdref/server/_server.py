@@ -56,6 +56,7 @@ class Server:
         reverse_chunks: bool = False,
         strictness: Strictness | None = None,
         transcript: bool = True,
+        max_records: int | None = None,
     ) -> None:
         self.exports: list[Export] = [exports] if isinstance(exports, Export) else list(exports)
         if not self.exports:
@@ -64,6 +65,10 @@ class Server:
         self.fault = faults_mod.get(fault)
         self.tls = tls or TLSConfig()
         self._tls_context: ssl.SSLContext | None = self.tls.context()
+        if self.tls.mode != "off" and (
+            (self.tls.psk_file and not self.persona.tls_psk) or (self.tls.certificates and not self.persona.tls_x509)
+        ):
+            log.warning("persona %s did not offer this kind of TLS; serving it anyway", self.persona.name)
         # 0: the persona's limit (qemu >= 9.1: 10 s) or 60 s; None: no limit; > 0: that many seconds.
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
@@ -72,6 +77,7 @@ class Server:
         self.strictness = strictness
         self.transcript = transcript
         self.records: list[ConnectionRecord] = []
+        self.max_records = max_records  # None: keep every record (tests); the CLI keeps the last few
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -197,9 +203,14 @@ class Server:
             handshake_timeout=self._handshake_limit(),
             io_timeout=self.io_timeout, workers=self.workers, read_shape=self.read_shape,
             stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
+            tls_handshake_timeout=self.tls.handshake_timeout,
         )
         with self._lock:
             self.records.append(record)
+            if self.max_records is not None and len(self.records) > self.max_records:
+                ended = [r for r in self.records if r.ended.is_set()]
+                for r in ended[: len(self.records) - self.max_records]:
+                    self.records.remove(r)
             self._sessions[cid] = session
         log.info("connection %d from %s", cid, peer)
         if wait:

@@ -28,7 +28,7 @@ from ._commands import Executor, ReadShape
 from ._config import ConnectionRecord
 from ._export import Export
 from ._options import Negotiation
-from ._transport import SocketTransport, TLSTransport, Transport
+from ._transport import TLSTransport, Transport
 
 log = logging.getLogger("nbdref.server")
 
@@ -60,6 +60,7 @@ class Session:
         stopping: threading.Event,
         strictness: Strictness | None = None,
         transcript: bool = True,
+        tls_handshake_timeout: float = 10.0,
     ) -> None:
         self.t = transport
         self.record = record
@@ -85,7 +86,9 @@ class Session:
         self._seen_violations = 0
         self._handshake_bytes = 0
         self._fault_used = False
+        self._in_handshake = True
         self._dead = threading.Event()
+        self.tls_handshake_timeout = tls_handshake_timeout
 
     # ------------------------------------------------------------------ entry point
 
@@ -209,8 +212,6 @@ class Session:
 
     # ------------------------------------------------------------------ handshake
 
-    _in_handshake = True
-
     def _handshake(self) -> Export | None:
         deadline = None if not self.handshake_timeout else time.monotonic() + self.handshake_timeout
         flags = 0
@@ -240,7 +241,8 @@ class Session:
                 # and the client replied with NBD_FLAG_C_FIXED_NEWSTYLE".
                 self.nego.fixed_newstyle = bool(e.flags & 1) and bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
                 if e.flags & ~3:
-                    # "If the client sets unknown flags, the server MUST close the connection" (HS).
+                    # Clients "MUST NOT set any other flags" (HS-016, recorded by the core); a server
+                    # that does not understand them cannot know what the client expects: hang up.
                     raise Disconnect(f"unknown client flags {e.flags:#x}")
                 if not self.nego.fixed_newstyle and self.nego.tls_mode == "require":
                     raise Disconnect("client cannot do fixed newstyle, and TLS is required")
@@ -277,12 +279,11 @@ class Session:
         # tls_established(); bytes it already holds belong to the TLS layer.
         if self.tls_context is None:
             raise Disconnect("STARTTLS acknowledged without a TLS context")
-        assert isinstance(self.t, SocketTransport)
         with self._core_lock:
             trailing = bytes(getattr(self.conn, "trailing_data", b"") or b"")
         # A correct client sends nothing between STARTTLS and the ACK (the core records the breach);
         # whatever came early is handed to TLS rather than dropped.
-        self.t = TLSTransport(self.t, self.tls_context, timeout=self.io_timeout, initial=trailing)
+        self.t = TLSTransport(self.t, self.tls_context, timeout=self.tls_handshake_timeout, initial=trailing)
         with self._core_lock:
             self.conn.tls_established()
         self.nego.tls_started()

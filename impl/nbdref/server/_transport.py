@@ -79,7 +79,7 @@ class TLSTransport(Transport):
 
     tls = True
 
-    def __init__(self, raw: SocketTransport, context: ssl.SSLContext, *, timeout: float,
+    def __init__(self, raw: Transport, context: ssl.SSLContext, *, timeout: float,
                  initial: bytes = b"") -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
@@ -97,14 +97,15 @@ class TLSTransport(Transport):
             with self._lock:
                 data = self._out.read()
             if data:
-                self.raw.sock.sendall(data)
+                self.raw.send([data])
 
     def _fill(self) -> bool:
-        data = self.raw.sock.recv(65536)
-        if not data:
+        buf = bytearray(65536)
+        n = self.raw.recv_into(memoryview(buf))
+        if not n:
             self._in.write_eof()
             return False
-        self._in.write(data)
+        self._in.write(memoryview(buf)[:n])
         return True
 
     def _handshake(self) -> None:
@@ -148,7 +149,7 @@ class TLSTransport(Transport):
                 with self._lock:
                     self._obj.write(b)
                     data = self._out.read()
-                self.raw.sock.sendall(data)
+                self.raw.send([data])
                 total += len(b)
         return total
 
