@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 
@@ -27,7 +28,10 @@ def _size_argv(runner, tool: str, server) -> list[str]:
 def _read_argv(runner, tool: str, server, offset: int) -> list[str]:
     if tool == "qemu-io":
         return runner.tool_argv("qemu-io", server, "-c", f"read -v {offset} {READ_LENGTH}")
-    return runner.tool_argv("nbdsh", server, "-c", f"print(h.pread({READ_LENGTH}, {offset}).hex())")
+    # h.shutdown(): a soft disconnect (NBD_CMD_DISC); closing the handle alone drops the connection,
+    # which proto.md forbids without a reason (DISC-024) — that would be this script's fault, not nbdsh's.
+    return runner.tool_argv("nbdsh", server, "-c",
+                            f"print(h.pread({READ_LENGTH}, {offset}).hex()); h.shutdown()")
 
 
 def _parse_size(tool: str, stdout: str) -> int:
@@ -49,7 +53,31 @@ def _parse_read(tool: str, stdout: str) -> bytes:
 # the size from NBD_INFO_EXPORT (GO-012) or the NBD_OPT_EXPORT_NAME reply.
 @pytest.mark.req("INTEROP-002", "GO-012")
 @pytest.mark.feature("newstyle")
-def test_client_reads_size_and_data(request, client_peer, reference_server, reference_export):
+def test_client_reads_size_and_data(request, client_peer, reference_server, reference_export, evidence):
+    seen_before = len(reference_server.handle.records)
+    try:
+        _read_size_and_data(request, client_peer, reference_server, reference_export)
+    finally:
+        records = _connections_since(reference_server, seen_before)
+        for i, record in enumerate(records):
+            evidence.transcript(f"connection {i + 1}", record)
+            evidence.violations(f"connection {i + 1}", record)
+    # The reference server checks every client-bound rule it can observe (docs/design.md).
+    broken = [f"{v}" for r in records for v in r.violations if v.level in ("MUST", "MUST NOT")]
+    assert not broken, f"{client_peer.id} broke the spec reading from the reference server: {broken}"
+    for v in (v for r in records for v in r.violations if v.level not in ("MUST", "MUST NOT")):
+        warnings.warn(f"{client_peer.id}: non-strict: {v}", stacklevel=1)
+
+
+def _connections_since(server, seen_before: int) -> list:
+    """The reference server's records of the connections this test made, once they have ended."""
+    records = list(server.handle.records)[seen_before:]
+    for record in records:
+        record.wait(10)
+    return records
+
+
+def _read_size_and_data(request, client_peer, reference_server, reference_export) -> None:
     offset = 8192
     want = expected_bytes(reference_export, offset, READ_LENGTH)
     if client_peer.launcher == "in-process":

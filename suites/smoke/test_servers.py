@@ -28,7 +28,7 @@ def reported_version(versions: dict[str, str]) -> str | None:
 # whose size the client reports.
 @pytest.mark.req("INTEROP-002", "GO-012", "GO-031", "RD-007")
 @pytest.mark.feature("NBD_OPT_GO")
-def test_reference_client_reads_size_and_data(server_peer, shared_server, shared_export):
+def test_reference_client_reads_size_and_data(server_peer, shared_server, shared_export, evidence):
     # The matrix's version is what runs: a suite image or host package that moved is caught here.
     if server_peer.launcher != "in-process":        # nbdref has no separate version to check
         seen = reported_version(shared_server.versions)
@@ -40,6 +40,8 @@ def test_reference_client_reads_size_and_data(server_peer, shared_server, shared
     from nbdref.client import Client
 
     with Client(timeout=15) as client:
+        evidence.transcript("reference client", client)
+        evidence.violations("reference client", client)
         client.connect_uri(shared_server.uri)
         assert client.get_size() == shared_export.size
         assert client.is_read_only()
