@@ -7,7 +7,6 @@ message being processed (``_sender``, ``_raw``) to the rules binding its sender'
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 
 from . import _events as ev
 from . import _wire as w
@@ -38,20 +37,41 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-@dataclass(slots=True)
 class _Reply:
-    """Bookkeeping of one request in flight: what its reply has covered so far."""
+    """Bookkeeping of one request in flight: what its reply has covered so far.
 
-    request: ev.Request
-    view: memoryview | None = None  # request.read_buffer as a byte view
-    chunks: int = 0
-    content_chunks: int = 0
-    covered: list[tuple[int, int]] = field(default_factory=list)  # sorted, non-overlapping [start, end)
-    covered_bytes: int = 0
-    error: int = 0
-    contexts: set[int] = field(default_factory=set)
-    plain_errors: int = 0  # NBD_REPLY_TYPE_ERROR chunks seen
-    error_offsets: list[int] = field(default_factory=list)  # offsets of ERROR_OFFSET chunks seen
+    ``command`` and ``flags`` are the request's as plain ints (the per-chunk checks must not pay for
+    IntEnum / IntFlag arithmetic).
+    """
+
+    __slots__ = (
+        "chunks",
+        "command",
+        "content_chunks",
+        "contexts",
+        "covered",
+        "covered_bytes",
+        "error",
+        "error_offsets",
+        "flags",
+        "plain_errors",
+        "request",
+        "view",
+    )
+
+    def __init__(self, request: ev.Request, view: memoryview | None = None) -> None:
+        self.request = request
+        self.command = int(request.command)
+        self.flags = int(request.flags)
+        self.view = view  # request.read_buffer as a byte view
+        self.chunks = 0
+        self.content_chunks = 0
+        self.covered: list[tuple[int, int]] = []  # sorted, non-overlapping [start, end)
+        self.covered_bytes = 0
+        self.error = 0
+        self.contexts: set[int] = set()
+        self.plain_errors = 0  # NBD_REPLY_TYPE_ERROR chunks seen
+        self.error_offsets: list[int] = []  # offsets of ERROR_OFFSET chunks seen
 
     def overlaps(self, start: int, end: int) -> bool:
         i = bisect.bisect_left(self.covered, (start, start))
@@ -141,8 +161,26 @@ class Checker:
         if self._found:
             self._record_violations()
 
-    def _fail(self, message: str) -> RemoteProtocolError:
-        """The peer's bytes cannot be parsed on and no catalogued rule names the fault."""
+    def _fail(self, message: str, section: str | None = None) -> RemoteProtocolError:
+        """The peer's bytes cannot be parsed on and no catalogued rule names the fault.
+
+        ``section`` is the heading of proto.md (or of the extended-headers draft) that describes the
+        expected bytes: the message names it, since there is no requirement id to look up. The
+        resulting error has ``violation=None``.
+        """
+        if section:
+            message = f"{message} (proto.md \"{section}\"; no catalogued requirement)"
         self._state = State.ERROR
         self.transcript.note("!", "error", message)
         return RemoteProtocolError(message)
+
+    def _refuse_length(self, req_id: str | None, message: str, raw: bytes, section: str) -> RemoteProtocolError:
+        """A length over a cap (``Strictness.max_*``), refused before anything is buffered.
+
+        "Either side MAY hard-disconnect if a request or reply payload is large enough to be a denial of
+        service" (BSZ-023). When the length also breaks a catalogued rule (``req_id``), that rule is the
+        violation; otherwise the error has ``violation=None`` and names the spec section.
+        """
+        if req_id is not None:
+            self._violation_now(req_id, message, raw, fatal=True)  # raises unless req_id is disabled
+        return self._fail(message, section)

@@ -10,6 +10,7 @@ the one place where that conversion happens. ``_parse`` turns the peer's bytes i
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 from . import _events as ev
@@ -21,7 +22,6 @@ from ._constants import (
     Cmd,
     HandshakeFlag,
     Opt,
-    ReplyFlag,
     ReplyType,
 )
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Violation
@@ -33,6 +33,37 @@ from ._transcript import Transcript
 from ._transmission import TransmissionRules
 
 __all__ = ["ACK_TRANSITIONS", "NEED_DATA", "TRANSITIONS", "Connection", "Role", "State"]
+
+# Module-level aliases: reading an enum member off its class costs several times a global lookup.
+_ERROR, _CLOSED, _TLS_HANDSHAKE = State.ERROR, State.CLOSED, State.TLS_HANDSHAKE
+_DISC = int(Cmd.DISC)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+
+# (state, sender, event class) -> next state, filled from TRANSITIONS as classes are first seen.
+_TARGETS: dict[tuple[State, Role, type], State] = {}
+# event class -> handler (or _NO_HANDLER), filled from Connection._HANDLERS the same way.
+_HANDLER_CACHE: dict[type, object] = {}
+_NO_HANDLER = object()
+_FAST_KINDS = (ev.Request, ev.SimpleReply, ev.OffsetData)  # encoded without an isinstance chain
+
+
+def _target(state: State, sender: Role, kind: type) -> State | None:
+    """Look ``kind`` (or its nearest base class) up in the transition table, and remember it."""
+    row = TRANSITIONS.get((state, sender), {})
+    for cls in kind.__mro__:
+        if cls in row:
+            _TARGETS[(state, sender, kind)] = row[cls]
+            return row[cls]
+    return None
+
+
+def _handler(handlers: dict, kind: type) -> object:
+    for cls in kind.__mro__:
+        if cls in handlers:
+            _HANDLER_CACHE[kind] = handlers[cls]
+            return handlers[cls]
+    _HANDLER_CACHE[kind] = _NO_HANDLER
+    return _NO_HANDLER
 
 
 class Connection(NegotiationRules, TransmissionRules, Parsers):
@@ -52,7 +83,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._state = State.GREETING
         self._buf = ReceiveBuffer()
         self._eof = False
-        self._queue: list[ev.Event] = []
+        self._queue: deque[ev.Event] = deque()
         self._want = 0  # bytes the parser waits for (get_buffer sizehint)
         # Zero-copy sink: READ data landing in a caller's buffer.
         self._sink: memoryview | None = None
@@ -70,7 +101,10 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self.meta_contexts: dict[int, str] = {}
         self.export_name: str | None = None
         self.export_size: int | None = None
-        self.transmission_flags: int | None = None
+        self._transmission_flags: int | None = None
+        self._tx = 0  # transmission flags as a plain int (0 until known), for the per-request checks
+        self._negotiated_key: tuple | None = None
+        self._negotiated_cache = None
         self.block_size: tuple[int, int, int] | None = None
         self._block_size_requested = False
         # Option phase.
@@ -84,6 +118,8 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._completed: deque[int] = deque(maxlen=256)  # recently completed cookies (SR-011)
         self._next_cookie = 1
         self._sender: Role = role
+        self._dir = role.value  # "C" or "S": transcript direction of what we send
+        self._peer_dir = self.peer.value
         self._raw: bytes = b""
         self._found: list[Violation] = []
         self._fatal_ids: set[int] = set()
@@ -101,6 +137,16 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def transmission_flags(self) -> int | None:
+        """Transmission flags of the export in use (a plain int), None before they are known."""
+        return self._transmission_flags
+
+    @transmission_flags.setter
+    def transmission_flags(self, value: int | None) -> None:
+        self._transmission_flags = None if value is None else int(value)
+        self._tx = self._transmission_flags or 0
 
     @property
     def in_flight(self) -> dict[int, ev.Request]:
@@ -133,45 +179,44 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
 
     # ------------------------------------------------------------------ the state machine
     def _next_state(self, sender: Role, e: ev.Event) -> State:
-        row = TRANSITIONS.get((self._state, sender), {})
-        for cls in type(e).__mro__:
-            if cls in row:
-                target = row[cls]
-                break
-        else:
-            raise ProtocolError(
-                f"{type(e).__name__} from the {sender.name.lower()} is not allowed in state {self._state.name}"
-            )
-        if isinstance(e, ev.RepAck) and self._pending is not None:
+        kind = type(e)
+        target = _TARGETS.get((self._state, sender, kind))
+        if target is None:
+            target = _target(self._state, sender, kind)
+            if target is None:
+                raise ProtocolError(
+                    f"{kind.__name__} from the {sender.name.lower()} is not allowed in state {self._state.name}"
+                )
+        if kind is ev.RepAck and self._pending is not None:
             target = ACK_TRANSITIONS.get(self._pending.option, target)
-        if isinstance(e, ev.Request) and e.command == Cmd.DISC:
+        elif kind is ev.Request and e.command == _DISC:  # type: ignore[attr-defined]
             target = State.DISCONNECTING
         return target
 
     def _process(self, sender: Role, e: ev.Event, raw: bytes) -> None:
         """Check ``e`` against the rules binding ``sender`` and apply its effects."""
         self._sender, self._raw = sender, raw
-        self._found = []
-        self._fatal_ids = set()
+        if self._found:
+            self._found = []
+        if self._fatal_ids:
+            self._fatal_ids = set()
         try:
             target = self._next_state(sender, e)
         except ProtocolError as exc:
             if sender is self.role:
                 raise LocalProtocolError(str(exc)) from None
             raise RemoteProtocolError(str(exc)) from None
-        handler = self._HANDLERS.get(type(e))
+        kind = type(e)
+        handler = _HANDLER_CACHE.get(kind)
         if handler is None:
-            for cls in type(e).__mro__:
-                handler = self._HANDLERS.get(cls)
-                if handler is not None:
-                    break
-        if handler is not None:
+            handler = _handler(self._HANDLERS, kind)
+        if handler is not _NO_HANDLER:
             handler(self, e)  # checks first (may raise LocalProtocolError), then effects
         if self._found:
             self._record_violations()
-        if self._state is not State.ERROR:
+        if self._state is not _ERROR:
             self._state = target
-        if target is State.TLS_HANDSHAKE and len(self._buf):
+        if target is _TLS_HANDSHAKE and len(self._buf):
             # Whatever follows the STARTTLS ACK belongs to the TLS layer, not to NBD.
             self._trailing += self._buf.take_all()
 
@@ -195,13 +240,23 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
 
     def send_iov(self, event: ev.Event) -> list[bytes | memoryview]:
         """Like send(), but a WRITE / READ payload is returned as its own buffer (no copy)."""
-        if self._state in (State.ERROR, State.CLOSED):
+        if self._state is _ERROR or self._state is _CLOSED:
             raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self._state.name}")
         parts = self._encode(event)
-        nbytes = sum(len(p) for p in parts)
-        self._process(self.role, event, bytes(parts[0][:_DATA_CAP]))
-        self.transcript.record(self.role.value, event, nbytes)
+        head = parts[0]
+        self._process(self.role, event, head if len(head) <= _DATA_CAP else head[:_DATA_CAP])  # type: ignore[arg-type]
+        if self.transcript.enabled:
+            nbytes = len(head) + memoryview(parts[1]).nbytes if len(parts) > 1 else len(head)
+            self.transcript.record(self._dir, self._as_sent(event), nbytes)
         return parts
+
+    def _as_sent(self, e: ev.Event) -> ev.Event:
+        """The event with its "as negotiated" fields resolved, so the transcript shows what went out."""
+        if type(e) is ev.BlockStatus and e.extended is None:
+            return dataclasses.replace(e, extended=self._extended_bs(e))
+        if type(e) is ev.ExportNameReply and e.zeroes is None:
+            return dataclasses.replace(e, zeroes=not self.no_zeroes)
+        return e
 
     def send_raw(self, data: bytes) -> bytes:
         """Arbitrary bytes for fault injection: recorded as raw, the state does not move."""
@@ -210,27 +265,40 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         return bytes(data)
 
     def _encode(self, e: ev.Event) -> list[bytes | memoryview]:
-        if isinstance(e, ev.Request):
-            payload = e.payload if e.payload is not None else b""
-            head = w.encode_request_header(e, self.extended_headers, len(payload))
-            return [head, payload] if len(payload) else [head]
-        if isinstance(e, ev.SimpleReply):
-            head = w.encode_simple_reply_header(e.cookie, e.error)
-            return [head, e.data] if e.data is not None and len(e.data) else [head]
+        kind = type(e)
+        if kind not in _FAST_KINDS:  # a subclass of a hot-path event: encode it as its base
+            kind = next((k for k in _FAST_KINDS if isinstance(e, k)), kind)
+        if kind is ev.Request:
+            payload = e.payload  # type: ignore[attr-defined]
+            n = w.nbytes(payload) if payload is not None else 0
+            head = w.encode_request_header(e, self.extended_headers, n)  # type: ignore[arg-type]
+            return [head, payload] if n else [head]
+        if kind is ev.SimpleReply:
+            data = e.data  # type: ignore[attr-defined]
+            head = w.encode_simple_reply_header(e.cookie, e.error)  # type: ignore[attr-defined]
+            return [head, data] if data is not None and w.nbytes(data) else [head]
+        if kind is ev.OffsetData:
+            reply = self._inflight.get(e.cookie)  # type: ignore[attr-defined]
+            data = e.data if e.data is not None else b""  # type: ignore[attr-defined]
+            n = w.nbytes(data)
+            head = w.encode_chunk_header(
+                1 if e.done else 0,  # type: ignore[attr-defined]
+                _OFFSET_DATA,
+                e.cookie,  # type: ignore[attr-defined]
+                n + 8,
+                self.extended_headers,
+                reply.request.offset if reply is not None else 0,
+            ) + w.OFFSET.pack(e.offset)  # type: ignore[attr-defined]
+            return [head, data] if n else [head]
         if isinstance(e, ev.Chunk):
             reply = self._inflight.get(e.cookie)
             hdr_offset = reply.request.offset if reply is not None else 0
-            flags = ReplyFlag.DONE if e.done else 0
-            ext = self.extended_headers
-            if isinstance(e, ev.OffsetData):
-                data = e.data if e.data is not None else b""
-                length = len(data) + 8
-                head = w.encode_chunk_header(flags, ReplyType.OFFSET_DATA, e.cookie, length, ext, hdr_offset)
-                head += w.OFFSET.pack(e.offset)
-                return [head, data] if len(data) else [head]
             bs_ext = self._extended_bs(e)
             payload = w.chunk_payload(e, bs_ext)
-            head = w.encode_chunk_header(flags, w.chunk_type(e, bs_ext), e.cookie, len(payload), ext, hdr_offset)
+            flags = 1 if e.done else 0  # NBD_REPLY_FLAG_DONE
+            head = w.encode_chunk_header(
+                flags, w.chunk_type(e, bs_ext), e.cookie, len(payload), self.extended_headers, hdr_offset
+            )
             return [head + payload]
         if isinstance(e, ev.Option):
             return [w.encode_option(e)]
@@ -255,7 +323,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             return
         if self._eof:
             raise ProtocolError("receive_data after EOF")
-        if self._state is State.TLS_HANDSHAKE:
+        if type(data) is memoryview and data.itemsize != 1:
+            data = data.cast("B")  # len() and slices below count bytes
+        if self._state is _TLS_HANDSHAKE:
             self._trailing += data
             return
         if self._sink is not None and self._sink_left and not len(self._buf):
@@ -315,12 +385,13 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     def next_event(self) -> ev.Event | _NeedData:
         """The next event decoded from the peer's bytes, or NEED_DATA."""
         if self._queue:
-            return self._queue.pop(0)
-        if self._state is State.ERROR:
+            return self._queue.popleft()
+        st = self._state
+        if st is _ERROR:
             raise RemoteProtocolError("the connection is in state ERROR")
-        if self._state is State.CLOSED:
+        if st is _CLOSED:
             return ev.ConnectionClosed()
-        if self._state is State.TLS_HANDSHAKE:
+        if st is _TLS_HANDSHAKE:
             if len(self._buf):
                 self._trailing += self._buf.take_all()
             return self._closed() if self._eof else NEED_DATA

@@ -16,6 +16,13 @@ from ._constants import (
 )
 from ._errors import LocalProtocolError
 
+# Flag masks as plain ints: ``~`` of an IntFlag keeps only the bits its class defines, so a check
+# written ``flags & ~HandshakeFlag(...)`` would never see an undefined bit.
+_HANDSHAKE_FLAGS = int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+_FIXED_NEWSTYLE, _NO_ZEROES = int(HandshakeFlag.FIXED_NEWSTYLE), int(HandshakeFlag.NO_ZEROES)
+_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+_C_FIXED_NEWSTYLE, _C_NO_ZEROES = int(ClientFlag.FIXED_NEWSTYLE), int(ClientFlag.NO_ZEROES)
+
 # Non-error reply types each option may receive before its final ACK.
 ALLOWED_REPLIES: dict[int, frozenset[int]] = {
     Opt.LIST: frozenset({Rep.SERVER}),
@@ -47,9 +54,10 @@ class NegotiationRules(Checker):
     """Mixin: per-message checks (rules binding the sender) and state effects before transmission."""
 
     def _on_newstyle(self, e: ev.NewstyleGreeting) -> None:
+        flags = int(e.flags)  # plain int: ~ of an IntFlag would drop the undefined bits we look for
         # "bits 2-15 ... MUST NOT be set" (HS-010)
-        self._check(not e.flags & ~0x3 & 0xFFFF, "HS-010", f"undefined handshake flags {e.flags:#06x}")
-        self.handshake_flags = e.flags
+        self._check(not flags & ~_HANDSHAKE_FLAGS & 0xFFFF, "HS-010", f"undefined handshake flags {flags:#06x}")
+        self.handshake_flags = flags
 
     def _on_oldstyle(self, e: ev.OldstyleGreeting) -> None:
         # "the server MUST NOT set any of these flags during oldstyle negotiation" (OLD-003)
@@ -59,21 +67,22 @@ class NegotiationRules(Checker):
         self.export_size, self.transmission_flags = e.export_size, e.transmission_flags
 
     def _on_client_flags(self, e: ev.ClientFlags) -> None:
+        flags = int(e.flags)
         # "Clients MUST NOT set any other flags" than the defined ones (HS-016)
-        self._check(not e.flags & ~0x3, "HS-016", f"undefined client flags {e.flags:#010x}")
+        self._check(not flags & ~_CLIENT_FLAGS, "HS-016", f"undefined client flags {flags:#010x}")
         # "The client MUST NOT set NBD_FLAG_C_NO_ZEROES unless the server set NBD_FLAG_NO_ZEROES" (HS-014)
         hs = self.handshake_flags or 0
         self._check(
-            not (e.flags & ClientFlag.NO_ZEROES) or hs & HandshakeFlag.NO_ZEROES,
+            not (flags & _C_NO_ZEROES) or hs & _NO_ZEROES,
             "HS-014",
             "NBD_FLAG_C_NO_ZEROES without the server's NBD_FLAG_NO_ZEROES",
         )
         self._check(
-            not (hs & HandshakeFlag.FIXED_NEWSTYLE) or e.flags & ClientFlag.FIXED_NEWSTYLE,
+            not (hs & _FIXED_NEWSTYLE) or flags & _C_FIXED_NEWSTYLE,
             "HS-007",
             "fixed-newstyle server answered without NBD_FLAG_C_FIXED_NEWSTYLE",
         )
-        self.client_flags = e.flags
+        self.client_flags = flags
 
     def _on_option(self, e: ev.Option) -> None:
         if self._shutdown_seen:
@@ -131,7 +140,8 @@ class NegotiationRules(Checker):
                 if self.strictness.check_local:
                     raise LocalProtocolError(msg)
                 return
-            raise self._fail(msg)
+            # An option reply carries "the option as sent by the client to which this is a reply".
+            raise self._fail(msg, "Fixed newstyle negotiation")
         code = opt.option
         final = isinstance(r, ev.RepAck | ev.RepError)
         self._client_flags_dropped()
@@ -252,7 +262,7 @@ class NegotiationRules(Checker):
     def _bad_client_flags(self) -> bool:
         """The client set an unknown flag or one the server did not advertise."""
         cf, hs = self.client_flags or 0, self.handshake_flags or 0
-        return bool(cf & ~0x3 or (cf & ClientFlag.NO_ZEROES and not hs & HandshakeFlag.NO_ZEROES))
+        return bool(cf & ~_CLIENT_FLAGS or (cf & _C_NO_ZEROES and not hs & _NO_ZEROES))
 
     def _client_flags_dropped(self) -> None:
         """The server answered although the client flags obliged it to drop the connection."""
@@ -310,7 +320,11 @@ class NegotiationRules(Checker):
             self._check(mx >= pref, "BSZ-021", f"maximum payload {mx} below preferred block size {pref}")
 
     def _tx_flags(self, flags: int) -> None:
-        """Checks on transmission flags (EXPORT_NAME reply, NBD_INFO_EXPORT, oldstyle greeting)."""
+        """Checks on transmission flags (EXPORT_NAME reply, NBD_INFO_EXPORT, oldstyle greeting).
+
+        Undefined bits are not a breach: "Clients SHOULD ignore unknown flags" (CMD-013).
+        """
+        flags = int(flags)
         # "NBD_FLAG_HAS_FLAGS ... MUST always be 1" (CMD-009)
         self._check(flags & TxFlag.HAS_FLAGS, "CMD-009", f"transmission flags {flags:#06x} lack HAS_FLAGS")
         replies = self.structured_replies or self.extended_headers
@@ -345,7 +359,7 @@ class NegotiationRules(Checker):
                 if self.strictness.check_local:
                     raise LocalProtocolError(msg)
                 return
-            raise self._fail(msg)
+            raise self._fail(msg, "Option types / NBD_OPT_EXPORT_NAME")
         self._client_flags_dropped()
         self._tx_flags(e.transmission_flags)
         if e.zeroes is not None:

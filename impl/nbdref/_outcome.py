@@ -12,19 +12,28 @@ from dataclasses import dataclass
 
 from ._constants import VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
 
+# Plain ints throughout: this runs for every request and reply, and IntFlag arithmetic (or reading an
+# enum member off its class) costs far more than the int operation itself.
+_READ, _WRITE, _CACHE, _WRITE_ZEROES = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_FAST_ZERO, _DF = int(CmdFlag.FAST_ZERO), int(CmdFlag.DF)
+_SEND_CACHE, _SEND_FAST_ZERO, _READ_ONLY = int(TxFlag.SEND_CACHE), int(TxFlag.SEND_FAST_ZERO), int(TxFlag.READ_ONLY)
+_EINVAL, _ENOSPC, _EPERM = int(Err.EINVAL), int(Err.ENOSPC), int(Err.EPERM)
+_ENOTSUP, _EOVERFLOW = int(Err.ENOTSUP), int(Err.EOVERFLOW)
 # Commands that modify the export ("If NBD_FLAG_READ_ONLY is set the server MUST fail subsequent
 # write operations", WR-001).
-_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_WRITES = frozenset({_WRITE, int(Cmd.TRIM), _WRITE_ZEROES})
 # Per command: which requirement names the error for a request reaching past the end of the export.
 _BEYOND_END: dict[int, tuple[str, int]] = {
-    Cmd.WRITE: ("ERR-001", Err.ENOSPC),  # "A WRITE reaching past the end ... SHOULD fail with NBD_ENOSPC"
-    Cmd.WRITE_ZEROES: ("WZ-030", Err.ENOSPC),
-    Cmd.READ: ("ERR-003", Err.EINVAL),  # "A READ or TRIM reaching past the end ... SHOULD fail with NBD_EINVAL"
-    Cmd.TRIM: ("ERR-003", Err.EINVAL),
-    Cmd.BLOCK_STATUS: ("BS-085", Err.EINVAL),
+    _WRITE: ("ERR-001", _ENOSPC),  # "A WRITE reaching past the end ... SHOULD fail with NBD_ENOSPC"
+    _WRITE_ZEROES: ("WZ-030", _ENOSPC),
+    _READ: ("ERR-003", _EINVAL),  # "A READ or TRIM reaching past the end ... SHOULD fail with NBD_EINVAL"
+    int(Cmd.TRIM): ("ERR-003", _EINVAL),
+    _BLOCK_STATUS: ("BS-085", _EINVAL),
 }
 _ALL_FLAGS = sum(int(f) for f in CmdFlag)  # a plain int: ~ of an IntFlag drops unknown bits
-_READ_ONLY_ERR: dict[int, str] = {Cmd.WRITE: "ERR-005", Cmd.TRIM: "ERR-005", Cmd.WRITE_ZEROES: "WZ-031"}
+_VALID_FLAGS: dict[int, int] = {int(c): int(f) for c, f in VALID_CMD_FLAGS.items()}
+_READ_ONLY_ERR: dict[int, str] = {_WRITE: "ERR-005", int(Cmd.TRIM): "ERR-005", _WRITE_ZEROES: "WZ-031"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,31 +49,32 @@ class Negotiated:
 
 def refusals(cmd: int, flags: int, offset: int, length: int, st: Negotiated) -> list[tuple[str, int | None]]:
     """The rules that say this request should fail, with the error each expects."""
+    cmd, flags = int(cmd), int(flags)
     out: list[tuple[str, int | None]] = []
-    known = cmd in VALID_CMD_FLAGS
-    if not known:
-        out.append(("ERR-008", Err.EINVAL))  # "An unknown command type should fail with NBD_EINVAL"
+    valid = _VALID_FLAGS.get(cmd)
+    if valid is None:
+        out.append(("ERR-008", _EINVAL))  # "An unknown command type should fail with NBD_EINVAL"
         return out
     tx = st.transmission_flags
     if flags & ~_ALL_FLAGS:
-        out.append(("ERR-009", Err.EINVAL))  # "An unknown command flag should fail with NBD_EINVAL"
-        if cmd == Cmd.CACHE and tx & TxFlag.SEND_CACHE:
+        out.append(("ERR-009", _EINVAL))  # "An unknown command flag should fail with NBD_EINVAL"
+        if cmd == _CACHE and tx & _SEND_CACHE:
             # "A server advertising NBD_FLAG_SEND_CACHE must reject CACHE requests carrying command flags
             # it does not recognise" (CACHE-006)
             out.append(("CACHE-006", None))
-    elif flags & ~int(VALID_CMD_FLAGS[Cmd(cmd)]):
-        out.append(("ERR-010", Err.EINVAL))  # "A flag not documented for the given command"
-    if cmd == Cmd.WRITE_ZEROES and flags & CmdFlag.FAST_ZERO and not tx & TxFlag.SEND_FAST_ZERO:
-        out.append(("WZ-026", Err.EINVAL))  # "...and should fail with NBD_EINVAL if FAST_ZERO is set anyway"
-    if cmd in _WRITES and tx & TxFlag.READ_ONLY:
+    elif flags & ~valid:
+        out.append(("ERR-010", _EINVAL))  # "A flag not documented for the given command"
+    if cmd == _WRITE_ZEROES and flags & _FAST_ZERO and not tx & _SEND_FAST_ZERO:
+        out.append(("WZ-026", _EINVAL))  # "...and should fail with NBD_EINVAL if FAST_ZERO is set anyway"
+    if tx & _READ_ONLY and cmd in _WRITES:
         out.append(("WR-001", None))
-        out.append((_READ_ONLY_ERR[cmd], Err.EPERM))
-    if cmd in _BEYOND_END and st.export_size is not None and offset + length > st.export_size:
+        out.append((_READ_ONLY_ERR[cmd], _EPERM))
+    if st.export_size is not None and offset + length > st.export_size and cmd in _BEYOND_END:
         out.append(_BEYOND_END[cmd])
-    if cmd in (Cmd.READ, Cmd.WRITE) and st.min_block and (offset % st.min_block or length % st.min_block):
-        out.append(("ERR-004", Err.EINVAL))  # "not aligned to the advertised minimum block size"
-    if cmd == Cmd.BLOCK_STATUS and not st.contexts:
-        out.append(("BS-004", Err.EINVAL))  # "SHOULD answer NBD_EINVAL when no context was selected"
+    if st.min_block and cmd in (_READ, _WRITE) and (offset % st.min_block or length % st.min_block):
+        out.append(("ERR-004", _EINVAL))  # "not aligned to the advertised minimum block size"
+    if cmd == _BLOCK_STATUS and not st.contexts:
+        out.append(("BS-004", _EINVAL))  # "SHOULD answer NBD_EINVAL when no context was selected"
     return out
 
 
@@ -74,30 +84,34 @@ def judge(
     """Rules the reply ``error`` breaks: ``[(req_id, why), ...]``."""
     broken: list[tuple[str, str]] = []
     rules = refusals(cmd, flags, offset, length, st)
-    wanted = {e for _, e in rules if e is not None}
-    for req_id, expected in rules:
-        if expected is None:
-            if error == 0:
-                broken.append((req_id, f"success for a request that must fail ({_name(cmd)})"))
-        elif len(wanted) == 1 and error != expected:
-            # Only judge the exact value when every applicable rule agrees on it.
-            broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected ({_name(cmd)})"))
+    cmd, flags, error = int(cmd), int(flags), int(error)
+    if rules:
+        wanted = {e for _, e in rules if e is not None}
+        for req_id, expected in rules:
+            if expected is None:
+                if error == 0:
+                    broken.append((req_id, f"success for a request that must fail ({_name(cmd)})"))
+            elif len(wanted) == 1 and error != expected:
+                # Only judge the exact value when every applicable rule agrees on it.
+                broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected ({_name(cmd)})"))
+    if error == 0:
+        return broken
     tx = st.transmission_flags
-    if error == Err.ENOTSUP:
-        wz = cmd == Cmd.WRITE_ZEROES
-        if wz and not tx & TxFlag.SEND_FAST_ZERO:
+    if error == _ENOTSUP:
+        wz = cmd == _WRITE_ZEROES
+        if wz and not tx & _SEND_FAST_ZERO:
             # "A server not advertising SEND_FAST_ZERO should not fail WRITE_ZEROES with NBD_ENOTSUP" (WZ-025)
             broken.append(("WZ-025", "NBD_ENOTSUP for WRITE_ZEROES without SEND_FAST_ZERO advertised"))
-        elif wz and not flags & CmdFlag.FAST_ZERO:
+        elif wz and not flags & _FAST_ZERO:
             # "If SEND_FAST_ZERO is advertised but FAST_ZERO is not set, the server MUST NOT fail with
             # NBD_ENOTSUP" (WZ-020)
             broken.append(("WZ-020", "NBD_ENOTSUP for WRITE_ZEROES without FAST_ZERO"))
         elif not wz:
             # "NBD_ENOTSUP should only be returned for WRITE_ZEROES with FAST_ZERO" (ERR-007)
             broken.append(("ERR-007", f"NBD_ENOTSUP for {_name(cmd)}"))
-    if error == Err.EOVERFLOW:
-        df_read = cmd == Cmd.READ and flags & CmdFlag.DF
-        oversize = st.max_payload is not None and length > st.max_payload and cmd not in (Cmd.READ, Cmd.WRITE)
+    if error == _EOVERFLOW:
+        df_read = cmd == _READ and flags & _DF
+        oversize = st.max_payload is not None and length > st.max_payload and cmd not in (_READ, _WRITE)
         if not (df_read or oversize):
             # "NBD_EOVERFLOW should only be returned for DF reads or oversize payload-less requests"
             broken.append(("ERR-006", f"NBD_EOVERFLOW for {_name(cmd)}"))

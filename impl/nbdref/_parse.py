@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from . import _events as ev
 from . import _wire as w
-from ._checker import _DATA_CAP, _KNOWN_CMDS, Checker, _Reply
+from ._checker import _DATA_CAP, Checker, _Reply
 from ._constants import (
+    DEFAULT_MAX_PAYLOAD,
     MAX_EXTENTS_PER_CHUNK,
     REP_FLAG_ERROR,
     STRING_MAX,
     Cmd,
     CmdFlag,
     Magic,
+    Opt,
     Rep,
     ReplyFlag,
     ReplyType,
@@ -25,6 +27,26 @@ from ._constants import (
 from ._state import NEED_DATA, State, _NeedData
 
 _SINK_THRESHOLD = 64 * 1024  # WRITE payloads from this size on are received in place
+
+# Plain ints for the per-message path (an enum class attribute costs several times a global).
+_REQUEST_MAGIC, _EXTENDED_REQUEST_MAGIC = int(Magic.REQUEST), int(Magic.EXTENDED_REQUEST)
+_SIMPLE_REPLY_MAGIC = int(Magic.SIMPLE_REPLY)
+_STRUCTURED_REPLY_MAGIC, _EXTENDED_REPLY_MAGIC = int(Magic.STRUCTURED_REPLY), int(Magic.EXTENDED_REPLY)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_COMMANDS: dict[int, Cmd] = {int(c): c for c in Cmd}
+# Events carry CmdFlag values (the API); building one costs ~0.4 µs, so each value seen is built once.
+# 16 bits of flags bound the cache (a hostile peer cannot grow it past 65536 entries).
+_CMD_FLAGS: dict[int, CmdFlag] = {}
+
+
+def _cmd_flags(flags: int) -> CmdFlag:
+    f = _CMD_FLAGS.get(flags)
+    if f is None:
+        f = _CMD_FLAGS[flags] = CmdFlag(flags)
+    return f
 
 
 _UNKNOWN_CHUNK_CAP = 65536 + 4096
@@ -45,8 +67,68 @@ def _chunk_cap(rtype: int, request_length: int) -> int:
     return _UNKNOWN_CHUNK_CAP
 
 
+_REPLY_SECTIONS = "Simple reply message / Structured reply chunk message"
+# proto.md "Reserved Magic values": named in the error so a historic peer is recognisable.
+_RESERVED_MAGICS = {
+    int(Magic.HISTORIC_REQUEST): "historic NBD_REQUEST_MAGIC",
+    int(Magic.HISTORIC_REPLY): "historic NBD_REPLY_MAGIC",
+    int(Magic.TRACELOG): "nbd-server transaction log magic",
+}
+
+
+def _reserved(magic: int) -> str:
+    name = _RESERVED_MAGICS.get(magic)
+    return f' ({name}, reserved: proto.md "Reserved Magic values")' if name else ""
+
+
+# Options whose data length is fixed by a catalogued rule, so an over-long one breaks that rule.
+_OPTION_LENGTH_RULES: dict[int, str] = {
+    int(Opt.EXPORT_NAME): "GEN-003",  # the data is the name: "Strings must never exceed 4096 bytes"
+    int(Opt.ABORT): "OPT-012",  # "The client SHOULD NOT send data with NBD_OPT_ABORT"
+    int(Opt.LIST): "OPT-017",  # "The client MUST NOT send data with NBD_OPT_LIST"
+    int(Opt.STARTTLS): "TLS-052",
+    int(Opt.STRUCTURED_REPLY): "SR-015",
+    int(Opt.EXTENDED_HEADERS): "EXT-029",
+}
+
+
 class Parsers(Checker):
     """Mixin: parsing of both directions (attributes come from Connection)."""
+
+    def _chunk_length_rule(self, rtype: int, length: int, reply: _Reply) -> str | None:
+        """The catalogued rule an over-cap chunk length breaks, if any (see ``_chunk_cap``)."""
+        if rtype == ReplyType.NONE:
+            return "SR-029"  # "NBD_REPLY_TYPE_NONE must have length 0"
+        if rtype == ReplyType.OFFSET_HOLE:
+            return "SR-035"  # "NBD_REPLY_TYPE_OFFSET_HOLE length must be exactly 12"
+        if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            return "SR-043"  # "The error message length must not exceed 4096 bytes"
+        if rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
+            size = 8 if rtype == ReplyType.BLOCK_STATUS else 16
+            count = length // size
+            if reply.flags & CmdFlag.REQ_ONE:
+                return "BS-058"  # "With REQ_ONE ... exactly one descriptor"
+            # Extents are nonzero (BS-057), so more descriptors than requested bytes means the ones
+            # before the last sum to the requested length or more (BS-060); otherwise there are more
+            # than 2^20 of them (BS-062).
+            return "BS-060" if count > reply.request.length else "BS-062"
+        if not w.is_error_type(rtype):
+            # Unknown (or, like OFFSET_DATA to a non-READ, unexpected) type: "the client MUST
+            # hard-disconnect" (SR-027).
+            return "SR-027"
+        mx = self.block_size[2] if self.block_size else None
+        # "No variable-length part of a chunk may exceed the advertised maximum payload" (SR-028)
+        return "SR-028" if mx is not None and length > mx else None
+
+    def _payload_length_rule(self, plen: int) -> str | None:
+        """The catalogued rule an over-cap request payload breaks, if any."""
+        if self.block_size is not None and self._block_size_requested and plen > self.block_size[2]:
+            # "A client MUST NOT request a WRITE ... longer than the maximum payload size" (BSZ-025)
+            return "BSZ-025"
+        if plen > DEFAULT_MAX_PAYLOAD:
+            # "Absent advertised constraints, a client SHOULD use ... payloads of at most 2^25" (BSZ-008)
+            return "BSZ-008"
+        return None
 
     def _have(self, n: int) -> bool:
         if len(self._buf) >= n:
@@ -58,7 +140,7 @@ class Parsers(Checker):
     def _receive(self, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event:
         """Run the shared checks/effects on a decoded peer message and record it."""
         self._parse_noted.clear()
-        self.transcript.record(self.peer.value, e, nbytes)
+        self.transcript.record(self._peer_dir, e, nbytes)
         self._process(self.peer, e, raw)
         return e
 
@@ -73,7 +155,7 @@ class Parsers(Checker):
                 return NEED_DATA
             m1, m2 = buf.unpack(w.GREETING_MAGICS)
             if m1 != Magic.NBDMAGIC:
-                raise self._fail(f"greeting starts with {m1:#018x}, not NBDMAGIC")
+                raise self._fail(f"greeting starts with {m1:#018x}, not NBDMAGIC", "Newstyle negotiation")
             if m2 == Magic.IHAVEOPT:
                 if not self._have(w.NEWSTYLE_GREETING.size):
                     return NEED_DATA
@@ -85,11 +167,19 @@ class Parsers(Checker):
                     return NEED_DATA
                 raw = buf.take(w.OLDSTYLE_GREETING.size)
                 return self._receive(w.decode_oldstyle_rest(raw[16:]), len(raw), raw)
-            raise self._fail(f"second greeting magic {m2:#018x} is neither IHAVEOPT nor cliserv_magic")
+            raise self._fail(
+                f"second greeting magic {m2:#018x} is neither IHAVEOPT nor cliserv_magic",
+                "Newstyle negotiation / Oldstyle negotiation",
+            )
         if st is State.OPTIONS:
             if self._pending is None:
                 if len(buf):
-                    raise self._fail(f"{len(buf)} bytes from the server while no option is pending")
+                    # An option reply carries "the option as sent by the client to which this is a reply": with
+                    # no option pending there is nothing it can answer.
+                    raise self._fail(
+                        f"{len(buf)} bytes from the server while no option is pending",
+                        "Fixed newstyle negotiation",
+                    )
                 return NEED_DATA
             if isinstance(self._pending, ev.OptExportName):
                 return self._parse_export_name_reply()
@@ -97,7 +187,7 @@ class Parsers(Checker):
         if st in (State.TRANSMISSION, State.DISCONNECTING):
             return self._parse_reply()
         if len(buf) and st is State.CLIENT_FLAGS:
-            raise self._fail("server sent data before the client flags")
+            raise self._fail("server sent data before the client flags", "Newstyle negotiation")
         return NEED_DATA
 
     def _parse_export_name_reply(self) -> ev.Event | _NeedData:
@@ -117,13 +207,18 @@ class Parsers(Checker):
             return NEED_DATA
         magic, option, rtype, length = self._buf.unpack(hdr)
         if magic != Magic.OPT_REPLY:
-            raise self._fail(f"option reply magic {magic:#x} is not {Magic.OPT_REPLY:#x}")
+            raise self._fail(
+                f"option reply magic {magic:#x} is not {Magic.OPT_REPLY:#x}", "Fixed newstyle negotiation"
+            )
         if length > self.strictness.max_option_length:
-            head = self._buf.peek(hdr.size)
-            if rtype & REP_FLAG_ERROR or rtype in (Rep.SERVER, Rep.META_CONTEXT, Rep.INFO):
-                # An over-long reply of a string-carrying type breaks the 4096-byte string limit.
-                self._violation_now("GEN-003", f"option reply of {length} bytes (strings max 4096)", head, fatal=True)
-            raise self._fail(f"option reply of {length} bytes exceeds the {self.strictness.max_option_length} cap")
+            # An over-long reply of a string-carrying type breaks the 4096-byte string limit (GEN-003).
+            strings = rtype & REP_FLAG_ERROR or rtype in (Rep.SERVER, Rep.META_CONTEXT, Rep.INFO)
+            raise self._refuse_length(
+                "GEN-003" if strings else None,
+                f"option reply of {length} bytes exceeds the {self.strictness.max_option_length}-byte cap",
+                self._buf.peek(hdr.size),
+                "Option haggling / Size constraints",
+            )
         if not self._have(hdr.size + length):
             return NEED_DATA
         raw = self._buf.take(hdr.size + length)
@@ -134,7 +229,7 @@ class Parsers(Checker):
                 self._violation_now(exc.req_id, str(exc), raw, fatal=False)
             e = ev.RepUnknown(option=option, reply_type=rtype, data=raw[hdr.size :])
             if not exc.req_id:
-                raise self._fail(str(exc)) from None
+                raise self._fail(str(exc), "Option reply types") from None
         return self._receive(e, len(raw), raw)
 
     def _parse_reply(self) -> ev.Event | _NeedData:
@@ -145,19 +240,23 @@ class Parsers(Checker):
         if magic == 0 and self._zeroes_suspect:
             # "the server MUST NOT send the 124 bytes of zeroes" after NO_ZEROES was agreed (HS-009);
             # "MUST NOT send zero padding after the NBD_REP_ACK to NBD_OPT_GO" (GO-025)
-            self._violation_now(self._zeroes_suspect, "zero padding before the first reply", buf.peek(64), fatal=True)
+            self._violation_now(
+                self._zeroes_suspect, "zero padding before the first reply", buf.peek(64), fatal=True
+            )
         self._zeroes_suspect = ""
-        if magic == Magic.SIMPLE_REPLY:
+        if magic == _SIMPLE_REPLY_MAGIC:
             return self._parse_simple_reply()
-        if magic == Magic.STRUCTURED_REPLY:
+        if magic == _STRUCTURED_REPLY_MAGIC:
             if not self._have(w.STRUCTURED_CHUNK.size):
                 return NEED_DATA
             _, flags, rtype, cookie, length = buf.unpack(w.STRUCTURED_CHUNK)
             if self.extended_headers:
                 # "With extended headers every reply must be an extended reply chunk" (EXT-006)
-                self._violation_now("EXT-006", "compact structured chunk after extended headers", buf.peek(20))
+                self._violation_now(
+                    "EXT-006", "compact structured chunk after extended headers", buf.peek(20)
+                )
             return self._parse_chunk(w.STRUCTURED_CHUNK.size, flags, rtype, cookie, length, None)
-        if magic == Magic.EXTENDED_REPLY:
+        if magic == _EXTENDED_REPLY_MAGIC:
             if not self._have(w.EXTENDED_CHUNK.size):
                 return NEED_DATA
             _, flags, rtype, cookie, offset, length = buf.unpack(w.EXTENDED_CHUNK)
@@ -165,7 +264,9 @@ class Parsers(Checker):
                 req = "EXT-051" if self.structured_replies else "SR-001"
                 self._violation_now(req, "extended reply chunk without extended headers", buf.peek(32))
             return self._parse_chunk(w.EXTENDED_CHUNK.size, flags, rtype, cookie, length, offset)
-        raise self._fail(f"reply magic {magic:#010x} is not a known reply magic")
+        raise self._fail(
+            f"reply magic {magic:#010x} is not a known reply magic{_reserved(magic)}", _REPLY_SECTIONS
+        )
 
     def _parse_simple_reply(self) -> ev.Event | _NeedData:
         buf = self._buf
@@ -175,10 +276,12 @@ class Parsers(Checker):
         reply = self._inflight.get(cookie)
         if reply is None:
             # The length of what follows depends on the request: without it the stream is lost.
-            self._violation_now("CMD-003", f"simple reply for cookie {cookie}, not in flight", buf.peek(16), fatal=True)
-            raise self._fail(f"simple reply for unknown cookie {cookie}")
+            self._violation_now(
+                "CMD-003", f"simple reply for cookie {cookie}, not in flight", buf.peek(16), fatal=True
+            )
+            raise self._fail(f"simple reply for unknown cookie {cookie}", "Simple reply message")
         req = reply.request
-        if req.command != Cmd.READ or error != 0:
+        if reply.command != _READ or error != 0:
             raw = buf.take(w.SIMPLE_REPLY.size)
             return self._receive(ev.SimpleReply(cookie=cookie, error=error), len(raw), raw)
         length = req.length
@@ -187,7 +290,12 @@ class Parsers(Checker):
             e = ev.SimpleReply(cookie=cookie, error=0, data=None, in_place=True)
             return self._start_sink(reply.view[:length], e, w.SIMPLE_REPLY.size + length, raw)
         if length > self.strictness.max_payload:
-            raise self._fail(f"READ of {length} bytes without read_buffer exceeds the buffering cap")
+            # Not the server's fault: the client asked for more than it may buffer (Strictness.max_payload).
+            raise self._fail(
+                f"READ of {length} bytes without read_buffer exceeds the {self.strictness.max_payload}-byte "
+                "buffering cap (give the request a read_buffer)",
+                "Simple reply message",
+            )
         if not self._have(w.SIMPLE_REPLY.size + length):
             return NEED_DATA
         raw = buf.take(w.SIMPLE_REPLY.size)
@@ -225,20 +333,27 @@ class Parsers(Checker):
         if reply is None:
             if cookie in self._completed:
                 # "The chunk with NBD_REPLY_FLAG_DONE MUST be the last chunk sent for that cookie" (SR-011)
-                self._violation_now("SR-011", f"chunk for cookie {cookie} after its final chunk", head, fatal=True)
-            self._violation_now("CMD-003", f"chunk for cookie {cookie}, which is not in flight", head, fatal=True)
-            raise self._fail(f"chunk for unknown cookie {cookie}")
+                self._violation_now(
+                    "SR-011", f"chunk for cookie {cookie} after its final chunk", head, fatal=True
+                )
+            self._violation_now(
+                "CMD-003", f"chunk for cookie {cookie}, which is not in flight", head, fatal=True
+            )
+            raise self._fail(f"chunk for unknown cookie {cookie}", "Structured reply chunk message")
         req = reply.request
         # "The extended reply's offset field MUST equal the request offset" (EXT-007)
         if hdr_offset is not None and hdr_offset != req.offset:
             self._violation_now("EXT-007", f"header offset {hdr_offset} != request offset {req.offset}", head)
-        done = bool(flags & ReplyFlag.DONE)
-        if rtype == ReplyType.OFFSET_DATA and req.command == Cmd.READ:
+        done = bool(flags & _DONE)
+        if rtype == _OFFSET_DATA and reply.command == _READ:
             return self._parse_offset_data(hsize, cookie, done, length, reply, head)
         cap = min(_chunk_cap(rtype, req.length), self.strictness.max_payload)
         if length > cap:
             # Refused before buffering: a hostile length must not make us reserve memory for it.
-            raise self._fail(f"chunk type {rtype:#x} of {length} bytes exceeds its {cap}-byte cap")
+            message = f"chunk type {rtype:#x} of {length} bytes exceeds its {cap}-byte cap"
+            raise self._refuse_length(
+                self._chunk_length_rule(rtype, length, reply), message, head, "Structured reply types"
+            )
         if not self._have(hsize + length):
             return NEED_DATA
         buf.skip(hsize)
@@ -265,7 +380,9 @@ class Parsers(Checker):
                 return NEED_DATA
             buf.skip(hsize)
             payload = buf.take(length)
-            return self._receive(ev.UnknownChunk(cookie=cookie, done=done, reply_type=1, data=payload), hsize + length, head)
+            return self._receive(
+                ev.UnknownChunk(cookie=cookie, done=done, reply_type=1, data=payload), hsize + length, head
+            )
         if not self._have(hsize + 8):
             return NEED_DATA
         buf.skip(hsize)
@@ -282,7 +399,15 @@ class Parsers(Checker):
             start = offset - req.offset
             return self._start_sink(reply.view[start : start + n], e, hsize + length, raw)
         if n > self.strictness.max_payload:
-            raise self._fail(f"OFFSET_DATA of {n} bytes exceeds the buffering cap")
+            mx = self.block_size[2] if self.block_size else None
+            raise self._refuse_length(
+                # "No variable-length part of a chunk may exceed the advertised maximum payload" (SR-028)
+                "SR-028" if mx is not None and n > mx else None,
+                f"OFFSET_DATA of {n} bytes without read_buffer exceeds the {self.strictness.max_payload}-byte "
+                "buffering cap",
+                raw,
+                "Structured reply types / NBD_REPLY_TYPE_OFFSET_DATA",
+            )
         # Small leftover or no read_buffer: collect the bytes (the parser state must survive NEED_DATA).
         tmp = bytearray(n)
         e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=tmp, length=n)
@@ -318,10 +443,14 @@ class Parsers(Checker):
             return NEED_DATA
         magic, option, length = buf.unpack(hdr)
         if magic != Magic.IHAVEOPT:
-            raise self._fail(f"option magic {magic:#018x} is not IHAVEOPT")
+            raise self._fail(f"option magic {magic:#018x} is not IHAVEOPT", "Newstyle negotiation")
         if length > self.strictness.max_option_length:
-            # BSZ-023: either side may hard-disconnect on a payload large enough to be a denial of service.
-            raise self._fail(f"option {option} with {length} bytes exceeds the {self.strictness.max_option_length} cap")
+            raise self._refuse_length(
+                _OPTION_LENGTH_RULES.get(option),
+                f"option {option} with {length} bytes exceeds the {self.strictness.max_option_length}-byte cap",
+                buf.peek(hdr.size),
+                "Option haggling / Size constraints",
+            )
         if not self._have(hdr.size + length):
             return NEED_DATA
         raw = buf.take(hdr.size + length)
@@ -338,39 +467,52 @@ class Parsers(Checker):
         if not self._have(4):
             return NEED_DATA
         (magic,) = buf.unpack(w.REPLY_MAGIC)
-        if magic == Magic.REQUEST:
+        if magic == _REQUEST_MAGIC:
             if self.extended_headers:
                 # "After NBD_REP_ACK the client must use 32-byte extended request headers" (EXT-037)
                 self._violation_now("EXT-037", "compact request after extended headers", buf.peek(28))
             layout = w.REQUEST
-        elif magic == Magic.EXTENDED_REQUEST:
+        elif magic == _EXTENDED_REQUEST_MAGIC:
             if not self.extended_headers:
-                raise self._fail("extended request header without extended headers negotiated")
+                # The compact header is used "when extended transactions are not in use"; the draft has
+                # no MUST for the reverse, and the header length decides how to read on.
+                raise self._fail(
+                    "extended request header without extended headers negotiated (NBD_OPT_EXTENDED_HEADERS)",
+                    "Request message",
+                )
             layout = w.EXTENDED_REQUEST
         else:
-            raise self._fail(f"request magic {magic:#010x} is not NBD_REQUEST_MAGIC")
+            raise self._fail(
+                f"request magic {magic:#010x} is not NBD_REQUEST_MAGIC{_reserved(magic)}", "Request message"
+            )
         if not self._have(layout.size):
             return NEED_DATA
         _, flags, cmd, cookie, offset, length = buf.unpack(layout)
         if layout is w.EXTENDED_REQUEST:
-            has_payload = bool(flags & CmdFlag.PAYLOAD_LEN)
-            if cmd == Cmd.WRITE and not has_payload:
+            has_payload = bool(flags & _PAYLOAD_LEN)
+            if cmd == _WRITE and not has_payload:
                 # "NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN" (EXT-002): the data that
                 # follows cannot be told from the next request.
                 self._violation_now("EXT-002", "extended WRITE without PAYLOAD_LEN", buf.peek(32), fatal=True)
         else:
-            has_payload = cmd == Cmd.WRITE
+            has_payload = cmd == _WRITE
         plen = length if has_payload else 0
         if plen > self.strictness.max_payload:
-            raise self._fail(f"request payload of {plen} bytes exceeds the {self.strictness.max_payload}-byte cap")
-        command = Cmd(cmd) if cmd in _KNOWN_CMDS else cmd
+            raise self._refuse_length(
+                self._payload_length_rule(plen),
+                f"request payload of {plen} bytes exceeds the {self.strictness.max_payload}-byte cap",
+                buf.peek(layout.size),
+                "Request message / Size constraints",
+            )
+        command = _COMMANDS.get(cmd, cmd)  # the Cmd member when known, without Cmd(cmd)'s cost
+        cmd_flags = _cmd_flags(flags)
         if plen >= _SINK_THRESHOLD and self._have(layout.size):
             # A large WRITE payload is received straight into its own buffer (get_buffer hands out
             # that buffer), instead of accumulating in the receive buffer and being copied out.
             raw = buf.take(layout.size)
             payload = bytearray(plen)
             e = ev.Request(
-                cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=payload
+                cookie=cookie, command=command, flags=cmd_flags, offset=offset, length=length, payload=payload
             )
             return self._start_sink(memoryview(payload), e, layout.size + plen, raw)
         if not self._have(layout.size + plen):
@@ -378,6 +520,6 @@ class Parsers(Checker):
         raw = buf.take(layout.size)
         small = buf.take(plen) if has_payload else None
         e = ev.Request(
-            cookie=cookie, command=command, flags=CmdFlag(flags), offset=offset, length=length, payload=small
+            cookie=cookie, command=command, flags=cmd_flags, offset=offset, length=length, payload=small
         )
         return self._receive(e, layout.size + plen, raw)

@@ -17,6 +17,10 @@ class Role(enum.Enum):
     CLIENT = "C"
     SERVER = "S"
 
+    # Members are singletons compared by identity: hash them the same way, in C. Enum's own
+    # __hash__ (hash of the name) is Python code run on every transition-table lookup.
+    __hash__ = object.__hash__
+
 
 CLIENT, SERVER = Role.CLIENT, Role.SERVER
 
@@ -32,6 +36,8 @@ class State(enum.Enum):
     DISCONNECTING = "DISCONNECTING"  # NBD_CMD_DISC sent: the server finishes in-flight requests, then closes
     CLOSED = "CLOSED"
     ERROR = "ERROR"
+
+    __hash__ = object.__hash__  # see Role
 
 
 class _NeedData:

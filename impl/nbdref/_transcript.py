@@ -43,7 +43,7 @@ def _flags(flag_cls: type[enum.IntFlag], value: int) -> str:
 def _bytes(b: Any) -> str:
     if b is None:
         return "in-place"
-    mv = memoryview(b)
+    mv = memoryview(b).cast("B")
     head = bytes(mv[:_PREVIEW]).hex()
     return f"<{len(mv)} bytes {head}{'...' if len(mv) > _PREVIEW else ''}>"
 
@@ -96,10 +96,13 @@ def describe(e: ev.Event) -> str:
         s = f"simple reply cookie={e.cookie} error={e.error}"
         return s + (f" data={_bytes(e.data)}" if e.data is not None or e.in_place else "")
     if isinstance(e, ev.Chunk):
-        rt = _name(ReplyType, "NBD_REPLY_TYPE_", e.reply_type)
+        rtype = ReplyType.ERROR_OFFSET if isinstance(e, ev.ErrorChunk) and e.offset is not None else e.reply_type
+        rt = _name(ReplyType, "NBD_REPLY_TYPE_", rtype)
         s = f"{rt} cookie={e.cookie}{' DONE' if e.done else ''}"
         if isinstance(e, ev.OffsetData):
-            return f"{s} offset={e.offset} length={e.length} data={_bytes(e.data)}"
+            # length=-1 on a sent event means "len(data)": show the number of bytes that went out.
+            n = e.length if e.length >= 0 or e.data is None else len(memoryview(e.data).cast("B"))
+            return f"{s} offset={e.offset} length={n} data={_bytes(e.data)}"
         if isinstance(e, ev.OffsetHole):
             return f"{s} offset={e.offset} length={e.length}"
         if isinstance(e, ev.BlockStatus):

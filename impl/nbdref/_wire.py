@@ -71,6 +71,11 @@ def dec_str(b: bytes | memoryview) -> str:
     return bytes(b).decode("utf-8", "surrogateescape")
 
 
+def nbytes(b: bytes | bytearray | memoryview) -> int:
+    """Size of a buffer in bytes: ``len`` counts items, so it miscounts a memoryview of another format."""
+    return len(b) if type(b) is bytes or type(b) is bytearray else memoryview(b).nbytes
+
+
 def is_valid_utf8(s: str) -> bool:
     try:
         s.encode("utf-8")

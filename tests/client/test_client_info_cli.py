@@ -13,13 +13,18 @@ import pytest
 from nbdref.cli.info import human_size, main
 from nbdref.client import Client
 
+from fixtures.exports import ExportRequest
+from fixtures.launch import start_server
+from fixtures.launchers.base import RunningServer
 from fixtures.tls_material import TlsMaterial
-from tests.helpers.servers import HostServer, start_nbd_server, start_nbdkit, start_qemu_nbd
+from tests.helpers.servers import custom_spec, start_host
+
+MiB = ExportRequest(size=1 << 20)
 
 
 @pytest.fixture
-def nbdkit(workdir: Path) -> Iterator[HostServer]:
-    with start_nbdkit("memory", "1M", workdir=workdir) as server:
+def nbdkit(workdir: Path) -> Iterator[RunningServer]:
+    with start_host("nbdkit", MiB, workdir=workdir, plugin="memory") as server:
         yield server
 
 
@@ -34,12 +39,11 @@ def nbdinfo(*argv: str) -> str:
 
 @pytest.mark.parametrize("name", ["nbdkit", "qemu-nbd", "nbd-server"])
 def test_json_matches_nbdinfo(name: str, workdir: Path) -> None:
-    disk = workdir / "disk.img"
-    disk.write_bytes(bytes(1 << 20))
     start = {
-        "nbdkit": lambda: start_nbdkit("memory", "1M", workdir=workdir),
-        "qemu-nbd": lambda: start_qemu_nbd(disk, workdir=workdir, extra_args=("-D", "described")),
-        "nbd-server": lambda: start_nbd_server(disk, workdir=workdir),
+        "nbdkit": lambda: start_host("nbdkit", MiB, workdir=workdir, plugin="memory"),
+        "qemu-nbd": lambda: start_host("qemu-nbd", ExportRequest(size=1 << 20, description="described"),
+                                       workdir=workdir),
+        "nbd-server": lambda: start_host("nbd-server", MiB, workdir=workdir),
     }[name]
     with start() as server:
         status, text = run_info("--json", server.uri)
@@ -62,14 +66,15 @@ def test_json_matches_nbdinfo(name: str, workdir: Path) -> None:
 
 
 def test_tls_psk(workdir: Path, tls_material: TlsMaterial) -> None:
-    with start_nbdkit("memory", "1M", workdir=workdir, tls="psk", material=tls_material) as server:
+    psk = ExportRequest(size=1 << 20, tls="psk")
+    with start_host("nbdkit", psk, workdir=workdir, tls=tls_material, plugin="memory") as server:
         status, text = run_info("--json", server.uri)
     assert status == 0
     document = json.loads(text)
     assert document["TLS"] is True and document["exports"][0]["export-size"] == 1 << 20
 
 
-def test_text_output(nbdkit: HostServer) -> None:
+def test_text_output(nbdkit: RunningServer) -> None:
     status, text = run_info(nbdkit.uri)
     assert status == 0
     assert text.startswith("protocol: newstyle-fixed without TLS, using structured packets\n")
@@ -78,11 +83,11 @@ def test_text_output(nbdkit: HostServer) -> None:
     assert "\tcan_fua: true\n" in text
 
 
-def test_size(nbdkit: HostServer) -> None:
+def test_size(nbdkit: RunningServer) -> None:
     assert run_info("--size", nbdkit.uri) == (0, "1048576\n")
 
 
-def test_map_matches_nbdinfo(nbdkit: HostServer) -> None:
+def test_map_matches_nbdinfo(nbdkit: RunningServer) -> None:
     # Write data in the middle so the map has three extents: hole, data, hole.
     with Client(timeout=10) as c:
         c.connect_uri(nbdkit.uri)
@@ -102,7 +107,9 @@ def test_list(workdir: Path) -> None:
     exports.mkdir()
     (exports / "a").write_bytes(bytes(4096))
     (exports / "b").write_bytes(bytes(8192))
-    with start_nbdkit("file", f"dir={exports}", workdir=workdir) as server:
+    # a command template: the launcher's nbdkit adapter serves one disk, not a directory
+    lister = custom_spec("nbdkit", "-f", "-U", "{socket}", "file", f"dir={exports}")
+    with start_server(lister, ExportRequest(size=4096, name=""), workdir=workdir) as server:
         status, text = run_info("--list", "--json", server.uri)
         reference = json.loads(nbdinfo("--list", "--json", server.uri))
     assert status == 0
@@ -118,7 +125,7 @@ def test_failures_exit_nonzero(workdir: Path, capsys: pytest.CaptureFixture[str]
     assert "URI-004" in capsys.readouterr().err
 
 
-def test_module_entry_point(nbdkit: HostServer) -> None:
+def test_module_entry_point(nbdkit: RunningServer) -> None:
     result = subprocess.run([sys.executable, "-m", "nbdref", "info", "--size", nbdkit.uri],
                             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert (result.returncode, result.stdout) == (0, "1048576\n")

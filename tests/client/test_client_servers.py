@@ -7,39 +7,30 @@ server breaks.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from nbdref.client import Client, ClientError, CmdFlag, RemoteProtocolError
 
+from fixtures.exports import ExportRequest
+from fixtures.launchers.base import RunningServer
 from fixtures.tls_material import TlsMaterial
-from tests.helpers.servers import HostServer, start_nbd_server, start_nbdkit, start_qemu_nbd
+from tests.helpers.servers import start_host
 
 SIZE = 4 << 20
-ServerFactory = Callable[..., HostServer]
-
-
-def _qemu(disk: Path, workdir: Path, **kw: object) -> HostServer:
-    return start_qemu_nbd(disk, workdir=workdir, **kw)  # type: ignore[arg-type]
-
-
-def _nbdkit(disk: Path, workdir: Path, **kw: object) -> HostServer:
+# A 4 MiB disk with a recognisable first and last sector; the rest is a hole.
+DISK = ExportRequest(size=SIZE, writes=((0, b"\x01" * 512), (SIZE - 512, b"\x02" * 512)))
+OPTIONS: dict[str, dict[str, str]] = {
+    "qemu-nbd": {},
     # The exportname filter makes nbdkit serve only "exp", like the other two, and list it.
-    args = ("exportname=exp", "exportname-strict=true", "exportname-list=explicit")
-    return start_nbdkit("file", str(disk), *args, workdir=workdir, export="exp",  # type: ignore[arg-type]
-                        extra_args=("--filter=exportname",), **kw)  # fmt: skip
-
-
-def _nbd_server(disk: Path, workdir: Path, **kw: object) -> HostServer:
+    "nbdkit": {"filters": "exportname", "plugin_args": "exportname=exp exportname-strict=true exportname-list=explicit"},
     # Switch on what nbd-server 3.24 can do but does not advertise by default.
-    features = "flush = true\nfua = true\ntrim = true"
-    return start_nbd_server(disk, workdir=workdir, export_extra=features, **kw)  # type: ignore[arg-type]
-
-
-SERVERS = {"qemu-nbd": _qemu, "nbdkit": _nbdkit, "nbd-server": _nbd_server}
+    "nbd-server": {"export_config": "flush = true; fua = true; trim = true"},
+}
+SERVERS = sorted(OPTIONS)
 # What each host version negotiates (timeline: structured replies came to nbd-server in 3.25).
 STRUCTURED = {"qemu-nbd": True, "nbdkit": True, "nbd-server": False}
 ADVERTISED = {
@@ -49,9 +40,20 @@ ADVERTISED = {
 }
 
 
-@pytest.fixture(params=sorted(SERVERS))
-def server(request: pytest.FixtureRequest, disk: Path, workdir: Path) -> Iterator[HostServer]:
-    with SERVERS[request.param](disk, workdir) as running:
+
+
+def start(name: str, workdir: Path, export: ExportRequest = DISK, **kw: object) -> RunningServer:
+    """``name`` on the host with this file's options; ``kw``: more options, or ``tls=`` material."""
+    return start_host(name, export, workdir=workdir, **{**OPTIONS[name], **kw})  # type: ignore[arg-type]
+
+
+def name_of(server: RunningServer) -> str:
+    return str(server.spec.implementation)
+
+
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest, workdir: Path) -> Iterator[RunningServer]:
+    with start(request.param, workdir) as running:
         yield running
 
 
@@ -63,11 +65,11 @@ def connect(uri: str, **settings: object) -> Client:
     return client
 
 
-def test_handshake(server: HostServer) -> None:
+def test_handshake(server: RunningServer) -> None:
     with connect(server.uri) as c:
         assert c.get_protocol() == "newstyle-fixed"
         assert c.get_size() == SIZE
-        assert c.get_structured_replies_negotiated() is STRUCTURED[server.name]
+        assert c.get_structured_replies_negotiated() is STRUCTURED[name_of(server)]
         assert c.get_extended_headers_negotiated() is False  # none of these versions has them
         assert c.get_tls_negotiated() is False
         assert not c.is_read_only()
@@ -76,7 +78,7 @@ def test_handshake(server: HostServer) -> None:
         assert c.violations == []
 
 
-def test_every_advertised_command(server: HostServer) -> None:
+def test_every_advertised_command(server: RunningServer) -> None:
     with connect(server.uri) as c:
         done = []
         c.pwrite(b"a" * 4096, 8192)
@@ -110,10 +112,10 @@ def test_every_advertised_command(server: HostServer) -> None:
         assert c.violations == []
     # What these versions advertise (nbd-server with flush/fua/trim set in its config): a change
     # here means the advertisement changed, which a conformance run should notice.
-    assert set(done) == ADVERTISED[server.name], done
+    assert set(done) == ADVERTISED[name_of(server)], done
 
 
-def test_many_requests_in_flight(server: HostServer) -> None:
+def test_many_requests_in_flight(server: RunningServer) -> None:
     with connect(server.uri) as c:
         pattern = bytes(range(256)) * 256  # 64 KiB
         for i in range(8):
@@ -129,7 +131,7 @@ def test_many_requests_in_flight(server: HostServer) -> None:
         assert c.violations == []
 
 
-def test_read_past_end_fails_cleanly(server: HostServer) -> None:
+def test_read_past_end_fails_cleanly(server: RunningServer) -> None:
     with connect(server.uri, strict_mode=0) as c:  # lenient: let the request reach the server
         with pytest.raises(ClientError) as info:
             c.pread(4096, SIZE)
@@ -137,8 +139,8 @@ def test_read_past_end_fails_cleanly(server: HostServer) -> None:
         assert c.pread(512, 0) == b"\x01" * 512  # the connection is still usable
 
 
-def test_opt_mode_info_list_go(server: HostServer) -> None:
-    lenient = server.name == "nbd-server"  # see below: it breaks GO-022, so let the client carry on
+def test_opt_mode_info_list_go(server: RunningServer) -> None:
+    lenient = name_of(server) == "nbd-server"  # see below: it breaks GO-022, so let the client carry on
     with connect(server.uri, opt_mode=True, full_info=True, strict_mode=0 if lenient else 1) as c:
         assert not c.aio_is_ready()
         exports = c.opt_list()
@@ -149,7 +151,7 @@ def test_opt_mode_info_list_go(server: HostServer) -> None:
         assert c.aio_is_ready()
         assert c.get_size() == SIZE
         assert c.pread(512, 0) == b"\x01" * 512
-        if server.name == "nbd-server":
+        if lenient:
             # Known quirk of nbd-server 3.24: NBD_INFO_EXPORT in reply to NBD_OPT_INFO says size 0, and the
             # NBD_OPT_GO right after it the real size.  proto.md: "If there are no intervening option
             # requests between a successful NBD_OPT_INFO ... and an NBD_OPT_GO with the same parameters
@@ -161,23 +163,23 @@ def test_opt_mode_info_list_go(server: HostServer) -> None:
             assert c.violations == []
 
 
-def test_nbd_server_info_then_go_is_fatal_when_strict(disk: Path, workdir: Path) -> None:
+def test_nbd_server_info_then_go_is_fatal_when_strict(workdir: Path) -> None:
     # The same GO-022 breach under the default strictness (MUST is fatal): GO raises.
-    with _nbd_server(disk, workdir) as server, connect(server.uri, opt_mode=True) as c:
+    with start("nbd-server", workdir) as server, connect(server.uri, opt_mode=True) as c:
         c.opt_info()
         with pytest.raises(RemoteProtocolError) as info:
             c.opt_go()
         assert info.value.violation is not None and info.value.violation.req_id == "GO-022"
 
 
-def test_opt_abort(server: HostServer) -> None:
+def test_opt_abort(server: RunningServer) -> None:
     c = connect(server.uri, opt_mode=True)
     c.opt_abort()
     assert c.violations == []
     c.close()
 
 
-def test_unknown_export_is_refused(server: HostServer) -> None:
+def test_unknown_export_is_refused(server: RunningServer) -> None:
     client = Client(timeout=10)
     client.set_export_name("no-such-export")
     with pytest.raises(ClientError, match=r"NBD_REP_ERR|closed"):
@@ -187,12 +189,8 @@ def test_unknown_export_is_refused(server: HostServer) -> None:
 
 @pytest.mark.parametrize("name", ["qemu-nbd", "nbdkit"])
 def test_block_status_base_allocation(name: str, workdir: Path) -> None:
-    sparse = workdir / "sparse.img"
-    with open(sparse, "wb") as f:
-        f.truncate(SIZE)
-        f.seek(1 << 20)
-        f.write(b"x" * 65536)
-    with SERVERS[name](sparse, workdir) as server:
+    sparse = ExportRequest(size=SIZE, writes=((1 << 20, b"x" * 65536),))  # a hole, 64 KiB of data, a hole
+    with start(name, workdir, sparse) as server:
         c = Client(timeout=10)
         c.add_meta_context("base:allocation")
         c.connect_uri(server.uri)
@@ -212,12 +210,10 @@ def test_block_status_base_allocation(name: str, workdir: Path) -> None:
 
 
 def test_qemu_allocation_depth_and_dirty_bitmap(workdir: Path) -> None:
-    image = workdir / "d.qcow2"
-    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, timeout=30)  # noqa: E731
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE))
-    run("qemu-img", "bitmap", "--add", str(image), "b0")
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 65536 65536", str(image))
-    with start_qemu_nbd(image, workdir=workdir, fmt="qcow2", extra_args=("-A", "-B", "b0")) as server:
+    # An empty qcow2 with the persistent bitmap b0, then 64 KiB of 7s written at 64 KiB through qemu.
+    image = ExportRequest(size=SIZE, image_format="qcow2", dirty_bitmaps=("b0",), allocation_depth=True,
+                          writes=((65536, b"\x07" * 65536),))
+    with start("qemu-nbd", workdir, image) as server:
         c = Client(timeout=10)
         c.set_opt_mode(True)
         c.connect_uri(server.uri)
@@ -250,8 +246,10 @@ TLS_CASES = [
 
 
 @pytest.mark.parametrize(("name", "kind"), TLS_CASES, ids=[f"{n}-{k}" for n, k in TLS_CASES])
-def test_tls(name: str, kind: str, disk: Path, workdir: Path, tls_material: TlsMaterial) -> None:
-    with SERVERS[name](disk, workdir, tls=kind, material=tls_material) as server:
+def test_tls(name: str, kind: str, workdir: Path, tls_material: TlsMaterial) -> None:
+    # qemu-nbd and nbdkit also demand a client certificate (X.509); nbd-server's check is not wired up.
+    export = dataclasses.replace(DISK, tls=kind, tls_verify_peer=kind == "x509" and name != "nbd-server")
+    with start(name, workdir, export, tls=tls_material) as server:
         assert server.uri.startswith("nbds+unix://")
         with connect(server.uri) as c:
             assert c.get_tls_negotiated()
@@ -265,8 +263,9 @@ def test_tls(name: str, kind: str, disk: Path, workdir: Path, tls_material: TlsM
             connect(plain, tls="off").close()
 
 
-def test_tls_tcp_hostname(disk: Path, workdir: Path, tls_material: TlsMaterial) -> None:
-    with start_nbdkit("file", str(disk), workdir=workdir, tcp=True, tls="x509", material=tls_material) as server:
+def test_tls_tcp_hostname(workdir: Path, tls_material: TlsMaterial) -> None:
+    export = dataclasses.replace(DISK, tls="x509", tls_verify_peer=True)
+    with start_host("nbdkit", export, workdir=workdir, tls=tls_material, transport="tcp") as server:
         assert server.uri.startswith("nbds://127.0.0.1:")
         with connect(server.uri) as c:  # the host 127.0.0.1 is checked against the certificate
             assert c.get_tls_negotiated()
@@ -274,9 +273,9 @@ def test_tls_tcp_hostname(disk: Path, workdir: Path, tls_material: TlsMaterial) 
             connect(server.uri + "&tls-hostname=wrong.example").close()
 
 
-def test_nbds_against_plain_server_fails(disk: Path, workdir: Path, tls_material: TlsMaterial) -> None:
+def test_nbds_against_plain_server_fails(workdir: Path, tls_material: TlsMaterial) -> None:
     # uri.md: "nbds: ... If encryption cannot be negotiated then the connection MUST fail" (URI-003/005)
-    with start_nbdkit("file", str(disk), workdir=workdir) as server:
+    with start_host("nbdkit", DISK, workdir=workdir) as server:
         secure = server.uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={tls_material.x509_dir}"
         with pytest.raises(ClientError, match="TLS required"):
             connect(secure).close()
@@ -285,8 +284,8 @@ def test_nbds_against_plain_server_fails(disk: Path, workdir: Path, tls_material
             assert c.pread(512, 0) == b"\x01" * 512
 
 
-def test_tcp_and_ipv4(disk: Path, workdir: Path) -> None:
-    with start_qemu_nbd(disk, workdir=workdir, tcp=True) as server:
+def test_tcp_and_ipv4(workdir: Path) -> None:
+    with start("qemu-nbd", workdir, transport="tcp") as server:
         assert server.uri.startswith("nbd://127.0.0.1:")
         with connect(server.uri) as c:
             assert c.get_size() == SIZE
@@ -297,16 +296,16 @@ def test_tcp_and_ipv4(disk: Path, workdir: Path) -> None:
 BLOCK_SIZES = {"qemu-nbd": (1, 4096, 32 << 20), "nbdkit": (0, 0, 0), "nbd-server": (0, 0, 0)}
 
 
-def test_block_sizes(server: HostServer) -> None:
+def test_block_sizes(server: RunningServer) -> None:
     with connect(server.uri) as c:
         got = tuple(c.get_block_size(which) for which in ("minimum", "preferred", "maximum"))
-        assert got == BLOCK_SIZES[server.name]
+        assert got == BLOCK_SIZES[name_of(server)]
         # proto.md: without a maximum, "the client SHOULD NOT send ... larger than 32 MiB"
         assert c.get_block_size("payload") == 32 << 20
 
 
-def test_full_info_name_and_description(disk: Path, workdir: Path) -> None:
-    with start_qemu_nbd(disk, workdir=workdir, extra_args=("-D", "a test disk")) as server:
+def test_full_info_name_and_description(workdir: Path) -> None:
+    with start("qemu-nbd", workdir, dataclasses.replace(DISK, description="a test disk")) as server:
         with connect(server.uri, full_info=True) as c:
             assert c.get_export_description() == "a test disk"
             assert c.get_canonical_export_name() == "exp"
@@ -315,16 +314,16 @@ def test_full_info_name_and_description(disk: Path, workdir: Path) -> None:
             # "The server MAY send information requests back which are not explicitly requested":
             # qemu-nbd 7.2 sends the description even unasked.
             assert c.get_export_description() == "a test disk"
-    with start_nbdkit("memory", "1M", workdir=workdir) as server:
+    with start_host("nbdkit", ExportRequest(size=1 << 20), workdir=workdir, plugin="memory") as server:
         client = connect(server.uri, full_info=True)
         with client, pytest.raises(ClientError, match="DESCRIPTION"):
             client.get_export_description()  # nbdkit's memory plugin has none
 
 
-def test_strict_mode_refuses_out_of_range_locally(disk: Path, workdir: Path) -> None:
+def test_strict_mode_refuses_out_of_range_locally(workdir: Path) -> None:
     from nbdref import LocalProtocolError
 
-    with start_qemu_nbd(disk, workdir=workdir) as server, connect(server.uri) as c:
+    with start("qemu-nbd", workdir) as server, connect(server.uri) as c:
         before = len(list(c.transcript))
         with pytest.raises(LocalProtocolError):
             c.pread(4096, SIZE)  # past the end: the core refuses to send it
@@ -334,7 +333,8 @@ def test_strict_mode_refuses_out_of_range_locally(disk: Path, workdir: Path) -> 
 
 def test_big_reads_land_in_place(workdir: Path) -> None:
     # 1 MiB reads take the driver's header-sized recv path (payload straight into the caller's buffer).
-    with start_nbdkit("memory", "8M", workdir=workdir) as server, connect(server.uri) as c:
+    eight = ExportRequest(size=8 << 20)
+    with start_host("nbdkit", eight, workdir=workdir, plugin="memory") as server, connect(server.uri) as c:
         pattern = bytes(range(256)) * 4096
         for i in range(8):
             c.pwrite(pattern[i:] + pattern[:i], i << 20)
@@ -346,15 +346,15 @@ def test_big_reads_land_in_place(workdir: Path) -> None:
         assert c.violations == []
 
 
-def test_tls_allow_and_api_settings(disk: Path, workdir: Path, tls_material: TlsMaterial) -> None:
+def test_tls_allow_and_api_settings(workdir: Path, tls_material: TlsMaterial) -> None:
     # set_tls("allow") upgrades when the server offers TLS; credentials set through the API, not the URI.
-    with start_qemu_nbd(disk, workdir=workdir, tls="psk", material=tls_material) as server:
+    with start("qemu-nbd", workdir, dataclasses.replace(DISK, tls="psk"), tls=tls_material) as server:
         c = Client(timeout=10)
         c.set_tls("allow")
         c.set_tls_psk_file(tls_material.psk_file)
         c.set_tls_username("alice")
         c.set_opt_mode(True)
-        c.connect_unix(server.address)  # type: ignore[arg-type]
+        c.connect_unix(str(server.socket))
         assert c.get_tls_negotiated()
         assert c.get_structured_replies_negotiated()  # negotiated again after STARTTLS
         c.set_export_name("exp")

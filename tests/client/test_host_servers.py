@@ -1,93 +1,72 @@
-"""tests.helpers.servers: readiness is the greeting, stop() leaves no process or socket behind."""
+"""tests.helpers.servers: the thin layer over fixtures.launch that the client tests use.
+
+What the launcher itself guarantees (readiness, stop leaves nothing, port races, stale sockets) is
+tested in tests/peers/test_launch_local.py; here: options reach the peer, and the nbdkit shortcut.
+"""
 
 from __future__ import annotations
 
-import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.servers import (
-    ServerStartError,
-    _alive,
-    _children,
-    start_nbd_server,
-    start_nbdkit,
-    start_qemu_nbd,
-    wait_for_greeting,
-)
+from fixtures.exports import ExportRequest
+from fixtures.launchers.base import PeerStartError
+from tests.helpers.servers import host_spec, parse_size, start_host, start_nbdkit
+
+# proto.md, oldstyle negotiation: "S: 64 bits, 0x4e42444d41474943 (ASCII 'NBDMAGIC') ...
+# S: 64 bits, 0x00420281861253 (cliserv_magic, a magic number) S: 64 bits, size of the export in bytes"
+CLISERV_MAGIC = 0x00420281861253
 
 
-def greeting(address: str | tuple[str, int]) -> bytes:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as s:
-        s.settimeout(5)
-        s.connect(address)
-        return s.recv(8, socket.MSG_WAITALL)
-
-
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_each_server_greets_and_stops(disk: Path, workdir: Path, tcp: bool) -> None:
-    for start in (
-        lambda: start_qemu_nbd(disk, workdir=workdir, tcp=tcp),
-        lambda: start_nbdkit("memory", "1M", workdir=workdir, tcp=tcp),
-        lambda: start_nbd_server(disk, workdir=workdir, tcp=tcp),
-    ):
-        server = start()
-        pids = [server.process.pid] + ([server.daemon_pid] if server.daemon_pid else [])
-        assert greeting(server.address) == b"NBDMAGIC"
-        # qemu-nbd is --persistent: the readiness probe did not use it up, nor did our probe.
-        assert greeting(server.address) == b"NBDMAGIC"
-        daemon_children = _children(server.daemon_pid) if server.daemon_pid else []
-        server.stop()
-        server.stop()  # idempotent
-        assert not any(_alive(pid) for pid in pids + daemon_children), server.name
-        if not tcp:
-            assert not os.path.exists(server.address)
-        with pytest.raises(OSError):
-            greeting(server.address)
-
-
-def test_stale_socket_is_replaced(workdir: Path, disk: Path) -> None:
-    stale = workdir / "nbd-server.sock"
+def first_bytes(path: Path, n: int) -> bytes:
     with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(stale))  # a socket file nobody listens on
-    with start_nbd_server(disk, workdir=workdir) as server:
-        assert greeting(server.address) == b"NBDMAGIC"
+        s.settimeout(5)
+        s.connect(str(path))
+        return s.recv(n, socket.MSG_WAITALL)
 
 
-def test_failure_carries_the_log(workdir: Path) -> None:
-    with pytest.raises(ServerStartError, match="nbdkit") as info:
-        start_nbdkit("no-such-plugin", workdir=workdir, timeout=3)
-    assert "no-such-plugin" in str(info.value)
+def test_host_spec_keeps_options_as_sorted_strings() -> None:
+    spec = host_spec("nbdkit", transport="tcp", plugin="memory", args=None, ready_timeout=3)
+    assert spec.options == (("plugin", "memory"), ("ready_timeout", "3"), ("transport", "tcp"))
+    assert (spec.implementation, spec.role, spec.launcher) == ("nbdkit", "server", "local")
 
 
-def test_wait_for_greeting_times_out(workdir: Path) -> None:
-    with pytest.raises(ServerStartError, match="no NBDMAGIC"):
-        wait_for_greeting(str(workdir / "nothing.sock"), timeout=0.2)
+@pytest.mark.parametrize(("text", "want"), [("1M", 1 << 20), ("64k", 64 << 10), ("1073741824", 1 << 30)])
+def test_parse_size(text: str, want: int) -> None:
+    assert parse_size(text) == want
 
 
-def test_tcp_port_race_is_retried(disk: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tests.helpers.servers as servers
+def test_start_nbdkit_memory_with_extra_args(workdir: Path) -> None:
+    with start_nbdkit("memory", "1M", workdir=workdir, extra_args=("--oldstyle",)) as server:
+        assert server.uri == f"nbd+unix:///?socket={server.socket}"
+        magic, cliserv, size = struct.unpack(">8sQQ", first_bytes(server.socket, 24))
+        assert (magic, cliserv, size) == (b"NBDMAGIC", CLISERV_MAGIC, 1 << 20)
+    assert not server.alive() and not server.socket.exists()
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))  # bound, not listening: the server's bind fails, a probe is refused
-    real = servers.free_tcp_port
-    handed: list[int] = []
 
-    def first_taken() -> int:
-        handed.append(taken.getsockname()[1] if not handed else real())
-        return handed[-1]
+def test_start_nbdkit_only_knows_memory(workdir: Path) -> None:
+    with pytest.raises(ValueError, match="start_host"):
+        start_nbdkit("file", "/dev/null", workdir=workdir)
 
-    monkeypatch.setattr(servers, "free_tcp_port", first_taken)
-    with taken:
-        for start in (
-            lambda: start_qemu_nbd(disk, workdir=workdir, tcp=True),
-            lambda: start_nbdkit("memory", "1M", workdir=workdir, tcp=True),
-            lambda: start_nbd_server(disk, workdir=workdir, tcp=True),
-        ):
-            handed.clear()
-            with start() as server:
-                assert len(handed) == 2 and server.address == ("127.0.0.1", handed[1])
-                assert greeting(server.address) == b"NBDMAGIC"
+
+def test_bad_args_fail_fast_with_the_log(workdir: Path) -> None:
+    with pytest.raises(PeerStartError, match="exit code") as info:
+        start_host("nbdkit", ExportRequest(size=4096), workdir=workdir, args="--no-such-option", timeout=5)
+    assert "no-such-option" in info.value.log_tail
+
+
+def test_nbd_server_export_config_reaches_the_server(workdir: Path) -> None:
+    """nbd-server 3.24 advertises trim only when the config says so: the option is applied."""
+    from nbdref.client import Client
+
+    def can_trim(**options: str) -> bool:
+        request = ExportRequest(size=1 << 20)
+        with start_host("nbd-server", request, workdir=workdir, **options) as server, Client(timeout=10) as c:
+            c.connect_uri(server.uri)
+            return bool(c.can_trim())
+
+    assert not can_trim()
+    assert can_trim(export_config="trim = true")

@@ -7,17 +7,9 @@ from pathlib import Path
 
 from fixtures.exports import ExportRequest, expected_bytes
 from fixtures.launchers.base import RunningServer
-from fixtures.peerspec import PeerSpec
+from tests.helpers.servers import custom_spec, server_spec
 
-
-def server_spec(impl: str, launcher: str = "local", suite: str | None = None, **kw) -> PeerSpec:
-    return PeerSpec(id=f"{impl}@{suite or launcher}", implementation=impl, role="server", version="",
-                    launcher=launcher, suite=suite, **kw)
-
-
-def custom_spec(*command: str, launcher: str = "local", suite: str | None = None) -> PeerSpec:
-    return PeerSpec(id="custom-test", implementation="custom", role="server", version="", launcher=launcher,
-                    suite=suite, command=tuple(command))
+__all__ = ["assert_serves", "custom_spec", "read_all", "server_spec"]
 
 
 def read_all(server: RunningServer, timeout: float = 30) -> bytes:

@@ -3,8 +3,10 @@ crashing and hanging peers fail in bounded time with their log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -12,9 +14,10 @@ import pytest
 
 from fixtures.exports import ExportRequest
 from fixtures.launch import client_runner, start_server
-from fixtures.launchers.base import PeerDiedError, PeerStartError, PeerUnsupported
+from fixtures.launchers.base import PeerDiedError, PeerStartError, PeerUnsupported, RunningServer
 from fixtures.peerspec import PeerSpec
-from fixtures.runs import current_run, proc_start_time
+from fixtures.readiness import probe_greeting
+from fixtures.runs import ProcId, current_run, proc_start_time
 
 from .helpers import assert_serves, custom_spec, server_spec
 
@@ -28,28 +31,48 @@ def need(binary: str) -> None:
 
 
 def recorded_pids() -> set[int]:
-    procs = current_run().procs_dir
-    return {json.loads(p.read_text())["pid"] for p in procs.glob("*.json")} if procs.is_dir() else set()
+    """Process groups this process recorded in the run dir (other xdist workers record there too)."""
+    me, found = str(ProcId.me()), set()
+    for path in current_run().procs_dir.glob("*.json"):
+        with contextlib.suppress(FileNotFoundError, ValueError):   # another worker may remove its record
+            record = json.loads(path.read_text())
+            if record.get("creator") == me:
+                found.add(record["pid"])
+    return found
 
 
+def greeting(server: RunningServer) -> bytes:
+    """The first 8 bytes a new connection reads (raises OSError once the server is gone)."""
+    return probe_greeting(unix=server.socket, port=server.port, timeout=5)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 @pytest.mark.parametrize("impl", SERVERS)
-def test_start_serve_stop(impl: str, tmp_path: Path) -> None:
+def test_start_serve_stop(impl: str, transport: str, tmp_path: Path) -> None:
     need(impl)
     req = ExportRequest(size=1 << 20, content="pattern")
     before = recorded_pids()
-    server = start_server(server_spec(impl), req, workdir=tmp_path)
+    server = start_server(server_spec(impl, options=(("transport", transport),)), req, workdir=tmp_path)
     with server:
         assert server.alive()
-        assert server.uri.startswith("nbd+unix:///exp?socket=")
+        if transport == "unix":
+            assert server.uri.startswith("nbd+unix:///exp?socket=")
+        else:
+            assert server.uri == f"nbd://127.0.0.1:{server.port}/exp" and server.socket is None
+        # The readiness probe did not use the export up (qemu-nbd is --persistent), nor does ours.
+        assert greeting(server) == greeting(server) == b"NBDMAGIC"
         assert impl.split("-")[0] in server.versions["binary"].lower() or "nbd-server" in server.versions["binary"]
         assert server.versions["package"]
         new = recorded_pids() - before
         assert new, "the peer's process group must be recorded for sweeps"
         assert_serves(server, req)
+    server.stop()                                   # idempotent
     assert not server.alive()
-    assert not server.socket.exists()
+    assert server.socket is None or not server.socket.exists()
     assert all(proc_start_time(p) is None for p in new), "stop() must leave no process behind"
     assert recorded_pids() == before
+    with pytest.raises(OSError):
+        greeting(server)
 
 
 @pytest.mark.parametrize("impl", ["qemu-nbd", "nbdkit", "nbd-server"])
@@ -117,11 +140,14 @@ def test_peer_that_dies_later_is_reported(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_stale_socket_is_replaced(tmp_path: Path) -> None:
-    need("nbdkit")
-    (tmp_path / "nbd.sock").write_text("stale")     # nbdkit would exit: Address already in use
-    with start_server(server_spec("nbdkit"), ExportRequest(size=4096), workdir=tmp_path) as s:
-        assert s.alive()
+@pytest.mark.parametrize("impl", ["nbdkit", "nbd-server"])
+def test_stale_socket_is_replaced(impl: str, tmp_path: Path) -> None:
+    # nbdkit would exit (Address already in use); nbd-server would stay up without listening.
+    need(impl)
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(tmp_path / "nbd.sock"))      # a socket file nobody listens on
+    with start_server(server_spec(impl), ExportRequest(size=4096), workdir=tmp_path) as s:
+        assert s.alive() and greeting(s) == b"NBDMAGIC"
 
 
 def test_unsupported_combination_is_distinct(tmp_path: Path) -> None:
@@ -134,23 +160,22 @@ def test_unknown_placeholder_is_explained(tmp_path: Path) -> None:
         start_server(custom_spec("srv", "{sockett}"), ExportRequest(size=4096), workdir=tmp_path)
 
 
-def test_tcp_port_taken_meanwhile_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl", ["qemu-nbd", "nbdkit", "nbd-server"])
+def test_tcp_port_taken_meanwhile_is_retried(impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """free_port() races with other processes: a peer that finds its port taken is retried on another."""
-    import socket
-
     import fixtures.launch as launch
 
-    need("nbdkit")
+    need(impl)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         taken = blocker.getsockname()[1]
         ports, real = [taken], launch.free_port
         monkeypatch.setattr(launch, "free_port", lambda: ports.pop() if ports else real())
-        spec = server_spec("nbdkit", options=(("transport", "tcp"),))
+        spec = server_spec(impl, options=(("transport", "tcp"),))
         with start_server(spec, ExportRequest(size=4096), workdir=tmp_path, timeout=5) as s:
             assert s.port != taken and not ports
-            assert s.alive()
+            assert s.alive() and greeting(s) == b"NBDMAGIC"
 
 
 FAKE_GREETER = r"""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,13 +12,15 @@ from fixtures.launchers.base import PeerUnsupported, RunningServer
 from fixtures.peers import server_adapter
 from fixtures.peers.base import ServerContext, parse_version
 from fixtures.peers.nbd_server import NbdServer
+from fixtures.tls_material import TlsMaterial
 
 from .helpers import custom_spec, server_spec
 
-TLS = SimpleNamespace(x509_dir=Path("/t/x509"), psk_dir=Path("/t/psk"), psk_file=Path("/t/psk/keys.psk"),
-                      psk_identity="alice", server_cert=Path("/t/x509/server-cert.pem"),
-                      server_key=Path("/t/x509/server-key.pem"), ca_cert=Path("/t/x509/ca-cert.pem"),
-                      directory=Path("/t"))
+X = Path("/t/x509")
+TLS = TlsMaterial(directory=Path("/t"), x509_dir=X, ca_cert=X / "ca-cert.pem", ca_key=X / "ca-key.pem",
+                  server_cert=X / "server-cert.pem", server_key=X / "server-key.pem", client_cert=X / "client-cert.pem",
+                  client_key=X / "client-key.pem", psk_dir=Path("/t/psk"), psk_file=Path("/t/psk/keys.psk"),
+                  psk_identity="alice", psk_key=b"k", other_ca_cert=Path("/t/other-ca.pem"))
 
 
 def ctx(impl: str, export: ExportRequest, *, transport: str = "unix", version=(7, 2), spec=None) -> ServerContext:
@@ -87,6 +88,39 @@ def test_nbd_server_config() -> None:
     assert "port = 10809" in tcp and "listenaddr = 127.0.0.1" in tcp and "unixsock" not in tcp
 
 
+def test_nbd_server_export_config_option() -> None:
+    spec = server_spec("nbd-server", options=(("export_config", "flush = true; fua = true\ntrim = true"),))
+    conf = next(iter(NbdServer().plan(ctx("nbd-server", ExportRequest(), spec=spec)).files.values()))
+    assert "[exp]\nexportname = /w/disk.raw\nflush = true\nfua = true\ntrim = true\n" in conf
+
+
+def test_nbdkit_plugin_filters_and_args() -> None:
+    spec = server_spec("nbdkit", options=(("args", "--oldstyle -t 2"), ("filters", "exportname, cow"),
+                                          ("plugin_args", "exportname=exp 'exportname-list=explicit'")))
+    argv = server_adapter(spec).plan(ctx("nbdkit", ExportRequest(), spec=spec)).argv
+    tail = argv[argv.index("--oldstyle"):]
+    assert tail == ["--oldstyle", "-t", "2", "--filter=exportname", "--filter=cow", "file", "/w/disk.raw",
+                    "exportname=exp", "exportname-list=explicit"]
+    mem = server_spec("nbdkit", options=(("plugin", "memory"),))
+    assert server_adapter(mem).plan(ctx("nbdkit", ExportRequest(size=8192), spec=mem)).argv[-2:] == [
+        "memory", "size=8192"]
+    with pytest.raises(PeerUnsupported, match="memory"):
+        server_adapter(mem).plan(ctx("nbdkit", ExportRequest(content="pattern"), spec=mem))
+    with pytest.raises(PeerUnsupported, match="custom command"):
+        other = server_spec("nbdkit", options=(("plugin", "curl"),))
+        server_adapter(other).plan(ctx("nbdkit", ExportRequest(), spec=other))
+
+
+@pytest.mark.parametrize("impl", ["qemu-nbd", "qemu-storage-daemon", "nbdref"])
+def test_args_option_reaches_the_command(impl: str) -> None:
+    spec = server_spec(impl, options=(("args", "--x 'a b'"),))
+    argv = server_adapter(spec).plan(ctx(impl, ExportRequest(), spec=spec)).argv
+    i = argv.index("--x")
+    assert argv[i + 1] == "a b"
+    if impl == "qemu-nbd":
+        assert argv[-1] == "/w/disk.raw", "the image stays last"
+
+
 def test_custom_template() -> None:
     spec = custom_spec("srv", "--sock={socket}", "{disk}", "{size}", "{export}", "{psk_identity}")
     argv = server_adapter(spec).plan(ctx("custom", ExportRequest(size=4096), spec=spec)).argv
@@ -133,6 +167,33 @@ def test_export_content(tmp_path: Path) -> None:
         ExportRequest(dirty_bitmaps=("b",))
     with pytest.raises(ValueError):
         ExportRequest(size=1000)
+
+
+def test_writes_over_content(tmp_path: Path) -> None:
+    req = ExportRequest(size=1 << 20, writes=((0, b"\x01" * 512), (4096, b"ab"), (4097, b"c")))
+    disk = materialize(req, tmp_path)
+    data = disk.read_bytes()
+    assert data == expected_bytes(req) and data[:512] == b"\x01" * 512 and data[4096:4098] == b"ac"
+    assert expected_bytes(req, 4097, 2) == b"c\0", "a window of the expected bytes sees the writes too"
+    assert disk.stat().st_blocks * 512 < 1 << 20, "the rest of a zero disk stays a hole"
+    patterned = ExportRequest(size=8192, content="pattern", writes=((1000, b"xy"),))
+    assert materialize(patterned, tmp_path / "p").read_bytes() == expected_bytes(patterned)
+    with pytest.raises(ValueError, match="outside"):
+        ExportRequest(size=4096, writes=((4095, b"ab"),))
+
+
+def test_qcow2_writes_go_through_qemu(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if not (shutil.which("qemu-img") and shutil.which("qemu-io")):
+        pytest.skip("qemu-utils is not installed")
+    req = ExportRequest(size=1 << 20, image_format="qcow2", dirty_bitmaps=("b0",), writes=((65536, b"\x07" * 4096),))
+    qcow = materialize(req, tmp_path)
+    raw = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow), str(raw)], check=True, timeout=30)
+    assert raw.read_bytes() == expected_bytes(req)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.raw", "disk.qcow2"], "no scratch files left"
 
 
 def test_big_content_comes_from_a_cached_master(tmp_path: Path) -> None:

@@ -36,6 +36,15 @@ def test_bad_persona_is_an_error(capsys):
     assert "unknown persona" in capsys.readouterr().err
 
 
+def test_inconsistent_options_are_errors(capsys):
+    # NBD_REP_ERR_BLOCK_SIZE_REQD: "SHOULD NOT send this error if it is using default size constraints".
+    assert cli.main(["--block-size-required", "--size", "1M"]) == 2
+    assert "block_size_required needs block_size" in capsys.readouterr().err
+    # Oldstyle has no STARTTLS.
+    assert cli.main(["--stdin", "--oldstyle", "--tls", "require", "--tls-psk", "/nonexistent"]) != 0
+    assert "cannot do TLS" in capsys.readouterr().err
+
+
 class _Served:
     """A `serve` subprocess; stopped with SIGTERM (then SIGKILL) whatever happens."""
 

@@ -55,11 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--read-only", "-r", action="store_true")
     what.add_argument("--block-size", type=parse_block_size, metavar="MIN,PREF,MAX",
                       help="advertise and enforce these size constraints")
+    what.add_argument("--block-size-required", action="store_true",
+                      help="with --block-size: refuse NBD_OPT_GO without NBD_INFO_BLOCK_SIZE "
+                           "(NBD_REP_ERR_BLOCK_SIZE_REQD) and NBD_OPT_EXPORT_NAME")
     what.add_argument("--bitmap", "-B", action="append", default=[], metavar="NAME",
                       help="dirty bitmap exposed as qemu:dirty-bitmap:NAME (repeatable)")
     how = p.add_argument_group("behaviour")
     how.add_argument("--persona", default=personas.DEFAULT, help="behave like this server version")
     how.add_argument("--list-personas", action="store_true", help="print the persona table and exit")
+    how.add_argument("--oldstyle", action="store_true",
+                     help="oldstyle negotiation (one export, no options, no TLS)")
+    how.add_argument("--mask-handshake", type=lambda t: int(t, 0), default=0xFFFF, metavar="MASK",
+                     help="clear handshake flags not in MASK, like nbdkit (0: plain newstyle, no NO_ZEROES)")
     how.add_argument("--fault", metavar="NAME[:N]", help="inject this fault")
     how.add_argument("--list-faults", action="store_true", help="print the fault catalogue and exit")
     how.add_argument("--tls", choices=("off", "on", "require"), default="off")
@@ -82,7 +89,7 @@ def _export(args: argparse.Namespace) -> Export:
     from ..server import Export
 
     kw = dict(description=args.description, read_only=args.read_only, block_size=args.block_size,
-              bitmaps=tuple(args.bitmap), tls_only=args.tls_only)
+              block_size_required=args.block_size_required, bitmaps=tuple(args.bitmap), tls_only=args.tls_only)
     if args.file:
         return Export.file(args.name, args.file, size=args.size, **kw)
     return Export.memory(args.name, args.size if args.size is not None else 64 << 20, **kw)
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(persona=args.persona, fault=args.fault, tls=tls, workers=args.threads,
                   handshake_timeout=None if args.no_handshake_timeout else args.handshake_timeout,
                   read_chunk_size=args.split_reads, transcript=not args.no_transcript,
+                  oldstyle=args.oldstyle, mask_handshake=args.mask_handshake,
                   max_records=100)  # a long-running server must not keep every transcript forever
     if args.stdin:
         return _serve_stdin(export, common)
@@ -158,7 +166,11 @@ def _serve_stdin(export: Export, common: dict) -> int:
     from ..server import Server
     from ..server._transport import PipeTransport, SocketTransport
 
-    sock_server = Server(export, sockets=[socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)], **common)
+    try:
+        sock_server = Server(export, sockets=[socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)], **common)
+    except ValueError as e:
+        print(f"nbdref serve: {e}", file=sys.stderr)
+        return 1
     try:
         try:
             s = socket.socket(fileno=os.dup(0))

@@ -10,37 +10,32 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from .. import events as ev
-from .._constants import Cmd, CmdFlag, Err, TxFlag
+from .. import requirements
+from .._constants import VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
 from ..backends import STATE_ZERO, BackendError
 from ..personas import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP
 from ._export import Export
 from ._options import Negotiation
 
-# Which command flags are documented for which command ("Command flags"; FUA is valid for all).
-_VALID_FLAGS = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA | CmdFlag.PAYLOAD_LEN,
-    Cmd.DISC: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE | CmdFlag.PAYLOAD_LEN,
-}
-
 # Command flags as plain ints: IntFlag operators cost microseconds on the per-request path.
 _FUA, _NO_HOLE, _DF = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF)
 _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = int(CmdFlag.REQ_ONE), int(CmdFlag.FAST_ZERO), int(CmdFlag.PAYLOAD_LEN)
-_WRITES = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
 
-# Commands that exist only when their transmission flag was advertised.
+# Commands that exist only when their transmission flag was advertised (we never offer RESIZE).
 _NEEDS_TXFLAG = {
     Cmd.FLUSH: TxFlag.SEND_FLUSH, Cmd.TRIM: TxFlag.SEND_TRIM, Cmd.CACHE: TxFlag.SEND_CACHE,
-    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
+    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES, Cmd.RESIZE: TxFlag.SEND_RESIZE,
 }
+# Command flags that mean something only when their transmission flag was advertised.
+_FLAG_NEEDS_TXFLAG = ((CmdFlag.FUA, TxFlag.SEND_FUA), (CmdFlag.DF, TxFlag.SEND_DF),
+                      (CmdFlag.FAST_ZERO, TxFlag.SEND_FAST_ZERO))
+
+# The core's table of requests a correct server refuses: ServerConnection.refusals.
+Refusals = Callable[[ev.Request], list[tuple[str, int | None]]]
 
 _ERRNO_TO_NBD = {
     errno.EPERM: Err.EPERM, errno.EROFS: Err.EPERM, errno.EACCES: Err.EPERM,
@@ -71,19 +66,29 @@ class ReadShape:
 
 
 class Executor:
-    """Runs requests for one connection on one export (thread-safe: no per-request state)."""
+    """Runs requests for one connection on one export (thread-safe: no per-request state).
 
-    def __init__(self, export: Export, nego: Negotiation, shape: ReadShape | None = None) -> None:
+    ``refusals`` is the core's ``ServerConnection.refusals`` (called under the session's lock): the
+    "Error values" rules live there once; ``check`` adds only what depends on this server's choices.
+    """
+
+    def __init__(self, export: Export, nego: Negotiation, shape: ReadShape | None = None, *,
+                 refusals: Refusals) -> None:
         self.export = export
         self.nego = nego
         self.persona = nego.persona
         self.shape = shape or ReadShape()
+        self.refusals = refusals
         self.flags = nego.transmission_flags(export)
-        self._allowed = {int(c): self._allowed_flags(c) for c in _VALID_FLAGS if c != Cmd.DISC}
-        self._enabled = {int(c): c not in _NEEDS_TXFLAG or bool(self.flags & _NEEDS_TXFLAG[c]) for c in _VALID_FLAGS}
-        bs = export.block_size
-        self.enforced = bs  # only explicit export constraints are enforced (persona values are advice)
-        self.max_payload = bs[2] if bs else DEFAULT_MAX_PAYLOAD
+        self._allowed = {int(c): self._allowed_flags(c) for c in VALID_CMD_FLAGS if c != Cmd.DISC}
+        self._enabled = {int(c): c not in _NEEDS_TXFLAG or bool(self.flags & _NEEDS_TXFLAG[c]) for c in VALID_CMD_FLAGS}
+        # Enforced: the export's own constraints (advertised on every GO; agreed out of band for
+        # NBD_OPT_EXPORT_NAME) and the persona's when they were advertised, i.e. requested with GO.
+        # "The server SHOULD report an NBD_EINVAL error if the client's request is not aligned to
+        # advertised minimum block size boundaries"; unadvertised, "a server SHOULD support a default
+        # minimum block size of 1".
+        self.enforced = nego.enforced_block_size(export)
+        self.max_payload = self.enforced[2] if self.enforced else DEFAULT_MAX_PAYLOAD
 
     @property
     def structured(self) -> bool:
@@ -93,38 +98,33 @@ class Executor:
 
     def _allowed_flags(self, cmd: int) -> int:
         """Flags documented for ``cmd`` whose transmission flag (if any) was advertised."""
-        allowed = int(_VALID_FLAGS[cmd])
-        for flag, needs in ((CmdFlag.FUA, TxFlag.SEND_FUA), (CmdFlag.DF, TxFlag.SEND_DF),
-                            (CmdFlag.FAST_ZERO, TxFlag.SEND_FAST_ZERO)):
+        allowed = int(VALID_CMD_FLAGS[Cmd(cmd)])
+        for flag, needs in _FLAG_NEEDS_TXFLAG:
             if not self.flags & needs:
                 allowed &= ~int(flag)
         if not self.nego.extended:
             allowed &= ~int(CmdFlag.PAYLOAD_LEN)
         return allowed
 
-    def _flag_error(self, cmd: int, flags: int) -> RequestError:
-        bad = flags & ~self._allowed[cmd]
-        if bad & ~int(_VALID_FLAGS[cmd]):
-            return RequestError(Err.EINVAL, f"flags {bad:#x} not valid for this command")
-        return RequestError(Err.EINVAL, f"flags {bad:#x} need a transmission flag that was not advertised")
-
     def check(self, req: ev.Request) -> None:
         """Raise RequestError for anything the spec says to refuse; return if the request may run.
 
-        Plain ints, not IntFlag operations: this runs for every request (the benchmark path)."""
+        First the core's table (unknown command or flag, read-only, past the end, misaligned to the
+        advertised minimum, no meta context); then what only this server knows (which flags and
+        commands it advertised, its payload limits).  Plain ints, not IntFlag operations: this runs
+        for every request (the benchmark path)."""
+        for req_id, error in self.refusals(req):
+            if error is not None:  # None = "any error" (WR-001); a later rule of the list names one
+                raise RequestError(error, f"{req_id}: {requirements.text(req_id)}")
         cmd, flags, off, length = int(req.command), int(req.flags), req.offset, req.length
         size = self.export.size
-        allowed = self._allowed.get(cmd)
-        if allowed is None:
-            raise RequestError(Err.EINVAL, f"unknown command {cmd}")  # "SHOULD return NBD_EINVAL"
+        allowed = self._allowed.get(cmd, 0)  # unknown commands were refused above (ERR-008)
         if flags & ~allowed:
-            # "SHOULD return NBD_EINVAL if it receives an unknown command flag ... [or] a flag not
-            # explicitly documented as applicable"; FUA/DF/FAST_ZERO also need their transmission flag.
-            raise self._flag_error(cmd, flags)
-        if cmd in _WRITES and self.export.read_only:
-            # "SHOULD return NBD_EPERM if it receives a write or trim request on a read-only export".
-            raise RequestError(Err.EPERM, "export is read-only")
-        if not self._enabled[cmd]:
+            # Undocumented flags were refused above (ERR-009/010); FUA/DF/FAST_ZERO also need their
+            # transmission flag, PAYLOAD_LEN extended headers: "SHOULD return NBD_EINVAL".
+            raise RequestError(Err.EINVAL, f"flags {flags & ~allowed:#x} need a transmission flag that was "
+                                           "not advertised")
+        if not self._enabled.get(cmd, False):
             raise RequestError(Err.EINVAL, f"command {cmd} not advertised")
         if cmd == Cmd.FLUSH:
             # "length and offset are reserved, and MUST be set to all-zero" (the core records it).
@@ -132,22 +132,23 @@ class Executor:
         if cmd == Cmd.BLOCK_STATUS:
             if not self.structured:
                 raise RequestError(Err.EINVAL, "block status needs structured replies")
-            if not self.nego.contexts:
-                # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without
-                # selecting at least one metadata context."
-                raise RequestError(Err.EINVAL, "no metadata context selected")
             if flags & _PAYLOAD_LEN:
                 length = self._payload_effect_length(req)
         if off > size or length > size - off:
-            # Writes past the end: ENOSPC; reads, trims and the rest: EINVAL ("Error values").
+            # The core's table names READ/WRITE/TRIM/WRITE_ZEROES and BLOCK_STATUS by request length;
+            # this covers CACHE and the effect length of a BLOCK_STATUS payload.  Writes past the end:
+            # ENOSPC; the rest: EINVAL ("Error values").
             err = Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
             raise RequestError(err, f"offset {off} + length {length} beyond export size {size}")
         if self.enforced:
             mn = self.enforced[0]
             if off % mn or (length % mn and off + length != size):
+                # The core's table checks READ/WRITE against the advertised minimum; this covers the
+                # other commands and export constraints agreed out of band (NBD_OPT_EXPORT_NAME).
                 # "The server SHOULD report an NBD_EINVAL error if the client's request is not aligned".
                 raise RequestError(Err.EINVAL, f"request not aligned to minimum block size {mn}")
         if cmd == Cmd.WRITE or (cmd == Cmd.READ and not self.structured):
+            # "the client MUST NOT request a length larger than the maximum payload size".
             if length > self.max_payload:
                 raise RequestError(Err.EINVAL, f"payload {length} exceeds maximum {self.max_payload}")
         elif cmd == Cmd.READ and length > max(self.max_payload, 1 << 25):
@@ -317,6 +318,4 @@ def _split(offset: int, length: int, step: int):
 
 
 def _with_done(chunk: ev.Event) -> ev.Event:
-    from dataclasses import replace
-
     return replace(chunk, done=True)  # type: ignore[type-var]

@@ -18,8 +18,10 @@ class Export:
     """One named export.
 
     ``block_size`` (minimum, preferred, maximum payload) overrides the persona's NBD_INFO_BLOCK_SIZE and
-    is *enforced*: unaligned or oversize requests get NBD_EINVAL.  ``tls_only`` matters in SELECTIVETLS
-    mode (``TLSConfig(mode="on")``).
+    is *enforced*: unaligned or oversize requests get NBD_EINVAL.  ``block_size_required`` (needs
+    ``block_size``) refuses NBD_OPT_GO without an NBD_INFO_BLOCK_SIZE request (NBD_REP_ERR_BLOCK_SIZE_REQD)
+    and NBD_OPT_EXPORT_NAME (hard disconnect).  ``tls_only`` matters in SELECTIVETLS mode
+    (``TLSConfig(mode="on")``).
     """
 
     name: str
@@ -28,6 +30,7 @@ class Export:
     read_only: bool = False
     tls_only: bool = False
     block_size: tuple[int, int, int] | None = None
+    block_size_required: bool = False
     bitmaps: Sequence[str] = ()
     bitmap_granularity: int = 65536
     multi_conn: bool = True
@@ -37,6 +40,9 @@ class Export:
     def __post_init__(self) -> None:
         if self.block_size is not None:
             check_block_size(self.block_size)
+        elif self.block_size_required:
+            # "The server SHOULD NOT send this error if it is using default size constraints".
+            raise ValueError("block_size_required needs block_size (default constraints need no request)")
         self.dirty_bitmaps = {
             b: DirtyBitmap(b, self.backend.size, self.bitmap_granularity) for b in self.bitmaps
         }

@@ -55,6 +55,20 @@ class Negotiation:
     def block_size(self, export: Export) -> tuple[int, int, int] | None:
         return export.block_size or self.persona.info_block_size
 
+    def enforced_block_size(self, export: Export) -> tuple[int, int, int] | None:
+        """Constraints to enforce in transmission: the export's own (always advertised with GO, agreed
+        out of band otherwise), else the persona's if NBD_OPT_GO requested (so received) them."""
+        if export.block_size is not None:
+            return export.block_size
+        return self.persona.info_block_size if self.block_size_requested else None
+
+    def contexts_for(self, export: Export) -> dict[int, str]:
+        """The selected meta contexts if they belong to ``export``: contexts count only if "it referred
+        to the same export name that was ultimately selected"."""
+        if self.contexts_export is not None and self.find(self.contexts_export) is not export:
+            return {}
+        return self.contexts
+
     def transmission_flags(self, export: Export) -> int:
         p = self.persona
         flags = TxFlag.HAS_FLAGS
@@ -80,7 +94,10 @@ class Negotiation:
             flags |= TxFlag.CAN_MULTI_CONN
         if p.cache:
             flags |= TxFlag.SEND_CACHE
-        if p.block_status_payload and self.extended and p.meta_contexts:
+        # ext-header draft, bit 12: "Servers MUST NOT advertise this bit unless the client successfully
+        # negotiates extended headers ..., and SHOULD NOT advertise this bit in response to NBD_OPT_GO
+        # if the client does not negotiate metacontexts with NBD_OPT_SET_META_CONTEXT" (EXT-011/012).
+        if p.block_status_payload and self.extended and self.contexts_for(export):
             flags |= TxFlag.BLOCK_STATUS_PAYLOAD
         return int(flags)
 
@@ -162,6 +179,10 @@ class Negotiation:
             return Outcome(close=f"NBD_OPT_EXPORT_NAME for unknown export {opt.name!r}")
         if self._tls_required_for(export):
             return Outcome(close=f"NBD_OPT_EXPORT_NAME for TLS-only export {opt.name!r} without TLS")
+        if export.block_size_required:
+            # "MAY refuse to go into transmission phase with a client that uses NBD_OPT_EXPORT_NAME
+            # (via a hard disconnect)" when enforcing non-default size constraints.
+            return Outcome(close=f"NBD_OPT_EXPORT_NAME for export {opt.name!r} that needs NBD_INFO_BLOCK_SIZE")
         self._finish_contexts(export)
         return Outcome(
             [ev.ExportNameReply(export_size=export.size, transmission_flags=self.transmission_flags(export))],
@@ -268,9 +289,7 @@ class Negotiation:
         return Outcome(replies)
 
     def _finish_contexts(self, export: Export) -> None:
-        # Contexts count only if "it referred to the same export name that was ultimately selected".
-        if self.contexts_export is not None and self.find(self.contexts_export) is not export:
-            self.contexts = {}
+        self.contexts = self.contexts_for(export)
 
     def _info_go(self, opt: ev.OptInfo | ev.OptGo) -> Outcome:  # type: ignore[override]
         go = opt.option == Opt.GO
@@ -295,10 +314,20 @@ class Negotiation:
         if Info.DESCRIPTION in requested and p.info_description and export.description:
             replies.append(ev.RepInfoDescription(option=opt.option, description=export.description))
         bs = self.block_size(export)
-        if bs is not None and (Info.BLOCK_SIZE in requested or export.block_size is not None):
+        size_info = None if bs is None else ev.RepInfoBlockSize(
+            option=opt.option, minimum=bs[0], preferred=bs[1], maximum=bs[2])
+        if go and export.block_size_required and Info.BLOCK_SIZE not in requested:
+            # "A server that wants to enforce size constraints other than the defaults ... MAY refuse
+            # to go into transmission phase with a client ... which uses NBD_OPT_GO without requesting
+            # NBD_INFO_BLOCK_SIZE (via an error reply of NBD_REP_ERR_BLOCK_SIZE_REQD)"; it "SHOULD
+            # ensure it first sends an NBD_INFO_BLOCK_SIZE information reply".
+            refusal = ev.RepError(option=opt.option, reply_type=Rep.ERR_BLOCK_SIZE_REQD,
+                                  message=f"export {export.name!r} needs NBD_INFO_BLOCK_SIZE")
+            return Outcome([size_info, refusal] if size_info else [refusal])
+        if size_info is not None and (Info.BLOCK_SIZE in requested or export.block_size is not None):
             # "A server with size constraints other than the default SHOULD advertise [them]" (sent even
             # unasked then: "The server MAY send information requests back which are not ... requested").
-            replies.append(ev.RepInfoBlockSize(option=opt.option, minimum=bs[0], preferred=bs[1], maximum=bs[2]))
+            replies.append(size_info)
         replies.append(ev.RepAck(option=opt.option))
         if not go:
             return Outcome(replies)

@@ -57,10 +57,19 @@ class Server:
         strictness: Strictness | None = None,
         transcript: bool = True,
         max_records: int | None = None,
+        oldstyle: bool = False,
+        mask_handshake: int = 0xFFFF,
     ) -> None:
         self.exports: list[Export] = [exports] if isinstance(exports, Export) else list(exports)
         if not self.exports:
             raise ValueError("a server needs at least one export")
+        # Oldstyle has no option haggling: one export, no name, no TLS ("oldstyle negotiation").
+        if oldstyle and len(self.exports) != 1:
+            raise ValueError("an oldstyle server serves exactly one export")
+        if oldstyle and tls is not None and tls.mode != "off":
+            raise ValueError("oldstyle negotiation cannot do TLS")
+        self.oldstyle = oldstyle
+        self.mask_handshake = mask_handshake
         self.persona = personas_mod.get(persona)
         self.fault = faults_mod.get(fault)
         self.tls = tls or TLSConfig()
@@ -204,6 +213,7 @@ class Server:
             io_timeout=self.io_timeout, workers=self.workers, read_shape=self.read_shape,
             stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
             tls_handshake_timeout=self.tls.handshake_timeout,
+            oldstyle=self.oldstyle, mask_handshake=self.mask_handshake,
         )
         with self._lock:
             self.records.append(record)

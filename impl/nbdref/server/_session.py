@@ -12,11 +12,11 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import events as ev
-from .._constants import Cmd, HandshakeFlag, Magic
+from .._constants import ClientFlag, Cmd, HandshakeFlag, Magic
 from .._errors import ProtocolError, RemoteProtocolError
 from .._strict import Strictness
 from .._transcript import Transcript
@@ -61,6 +61,8 @@ class Session:
         strictness: Strictness | None = None,
         transcript: bool = True,
         tls_handshake_timeout: float = 10.0,
+        oldstyle: bool = False,
+        mask_handshake: int = 0xFFFF,
     ) -> None:
         self.t = transport
         self.record = record
@@ -89,6 +91,8 @@ class Session:
         self._in_handshake = True
         self._dead = threading.Event()
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.oldstyle = oldstyle
+        self.mask_handshake = mask_handshake
 
     # ------------------------------------------------------------------ entry point
 
@@ -185,12 +189,26 @@ class Session:
                     continue
                 raise Disconnect(f"handshake not finished within {self.handshake_timeout} s") from None
 
-    def _send(self, events: Sequence[ev.Event]) -> None:
+    def _next_message(self, deadline: float | None, eof_reason: str) -> ev.Event:
+        """The next message from the client: StartTLS (the core's pause marker) is skipped, and EOF
+        ends the session with ``eof_reason``."""
+        while True:
+            e = self._next_event(deadline)
+            if isinstance(e, ev.ConnectionClosed):
+                raise Disconnect(eof_reason)
+            if not isinstance(e, ev.StartTLS):
+                return e
+
+    def _send(self, events: Sequence[ev.Event], edit: Callable[[bytes], bytes] | None = None) -> None:
+        """Encode ``events`` through the core and write them as one unit; ``edit`` rewrites the bytes
+        (faults: the core records what should have been sent, the wire carries the edited bytes)."""
         with self._write_lock:
             iov: list = []
             with self._core_lock:
                 for e in events:
                     iov.extend(self.conn.send_iov(e))
+            if edit is not None:
+                iov = [edit(b"".join(bytes(b) for b in iov))]
             self._write(iov)
 
     def _send_raw(self, data: bytes) -> None:
@@ -212,13 +230,24 @@ class Session:
 
     # ------------------------------------------------------------------ handshake
 
+    def _oldstyle(self) -> Export:
+        """Oldstyle: the greeting carries size and flags of the one export; no options, no TLS."""
+        export = self.nego.exports[0]
+        self._send([ev.OldstyleGreeting(export_size=export.size,
+                                        transmission_flags=self.nego.transmission_flags(export))])
+        self._in_handshake = False
+        return export
+
     def _handshake(self) -> Export | None:
+        if self.oldstyle:
+            return self._oldstyle()
         deadline = None if not self.handshake_timeout else time.monotonic() + self.handshake_timeout
         flags = 0
         if self.persona.fixed_newstyle:
             flags |= HandshakeFlag.FIXED_NEWSTYLE
         if self.persona.no_zeroes:
             flags |= HandshakeFlag.NO_ZEROES
+        flags &= self.mask_handshake  # like nbdkit --mask-handshake: test clients' fallbacks
         greeting = ev.NewstyleGreeting(flags=flags)
         if self.fault and self.fault.greeting_magic is not None:
             with self._core_lock:
@@ -231,11 +260,7 @@ class Session:
             self.stopping.wait(self.fault.stall_seconds)
             raise Disconnect(f"fault {self.fault.spec}: stalled the handshake")
         while True:
-            e = self._next_event(deadline)
-            if isinstance(e, ev.ConnectionClosed):
-                raise Disconnect("client closed the connection during the handshake")
-            if isinstance(e, ev.StartTLS):
-                continue
+            e = self._next_message(deadline, "client closed the connection during the handshake")
             if isinstance(e, ev.ClientFlags):
                 # "The server MUST operate in NOTLS mode unless the server set flag NBD_FLAG_FIXED_NEWSTYLE
                 # and the client replied with NBD_FLAG_C_FIXED_NEWSTYLE".
@@ -244,6 +269,10 @@ class Session:
                     # Clients "MUST NOT set any other flags" (HS-016, recorded by the core); a server
                     # that does not understand them cannot know what the client expects: hang up.
                     raise Disconnect(f"unknown client flags {e.flags:#x}")
+                if e.flags & ClientFlag.NO_ZEROES and not flags & HandshakeFlag.NO_ZEROES:
+                    # NBD_FLAG_C_NO_ZEROES "MUST NOT be set if the server did not set NBD_FLAG_NO_ZEROES";
+                    # "the server MUST close the TCP connection if it does not recognize the client's flags".
+                    raise Disconnect("client set NBD_FLAG_C_NO_ZEROES, which was not offered")
                 if not self.nego.fixed_newstyle and self.nego.tls_mode == "require":
                     raise Disconnect("client cannot do fixed newstyle, and TLS is required")
                 continue
@@ -254,10 +283,8 @@ class Session:
                 raise Disconnect(f"option {e.option} without fixed newstyle")
             outcome = self.nego.handle(e)
             if outcome.replies:
-                if self.fault and self.fault.option_reply_magic is not None:
-                    self._send_mangled_option_replies(outcome.replies)
-                else:
-                    self._send(outcome.replies)
+                mangle = self.fault is not None and self.fault.option_reply_magic is not None
+                self._send(outcome.replies, self._mangle_option_replies if mangle else None)
             if outcome.close:
                 raise Disconnect(outcome.close)
             if outcome.starttls:
@@ -266,13 +293,9 @@ class Session:
                 self._in_handshake = False
                 return outcome.go
 
-    def _send_mangled_option_replies(self, replies: Sequence[ev.Event]) -> None:
-        with self._write_lock:
-            with self._core_lock:
-                data = b"".join(bytes(b) for r in replies for b in self.conn.send_iov(r))
-            magic = self.fault.option_reply_magic.to_bytes(8, "big")  # type: ignore[union-attr]
-            good = Magic.OPT_REPLY.to_bytes(8, "big")
-            self._write([data.replace(good, magic)])
+    def _mangle_option_replies(self, data: bytes) -> bytes:
+        magic: int = self.fault.option_reply_magic  # type: ignore[union-attr,assignment]
+        return data.replace(Magic.OPT_REPLY.to_bytes(8, "big"), magic.to_bytes(8, "big"))
 
     def _start_tls(self) -> None:
         # The core pauses after the ACK (next_event() gives StartTLS, then NEED_DATA) until
@@ -293,16 +316,12 @@ class Session:
 
     def _transmission(self, export: Export) -> None:
         self.t.set_timeout(self.io_timeout)
-        executor = Executor(export, self.nego, self.read_shape)
+        executor = Executor(export, self.nego, self.read_shape, refusals=self._refusals)
         pool = ThreadPoolExecutor(max_workers=max(1, self.workers), thread_name_prefix=f"nbdref-c{self.record.id}")
         inline_reads = isinstance(export.backend, MemoryBackend)
         try:
             while True:
-                e = self._next_event(None)
-                if isinstance(e, ev.ConnectionClosed):
-                    raise Disconnect("client closed the connection (hard disconnect)")
-                if isinstance(e, ev.StartTLS):
-                    continue
+                e = self._next_message(None, "client closed the connection (hard disconnect)")
                 if not isinstance(e, ev.Request):
                     raise Disconnect(f"unexpected {type(e).__name__} in transmission")
                 self.record.requests += 1
@@ -318,6 +337,11 @@ class Session:
                     pool.submit(self._serve, executor, e)
         finally:
             pool.shutdown(wait=True, cancel_futures=False)
+
+    def _refusals(self, req: ev.Request) -> list[tuple[str, int | None]]:
+        """The core's "which error does a correct server owe" table, for the executor's workers."""
+        with self._core_lock:
+            return self.conn.refusals(req)
 
     def _serve(self, executor: Executor, req: ev.Request) -> None:
         if self._dead.is_set():
@@ -347,11 +371,8 @@ class Session:
             self.stopping.wait(f.stall_seconds)
             raise Disconnect(f"fault {f.spec}: stalled the reply")
         if f.cut_reply_at is not None:
-            with self._write_lock:
-                with self._core_lock:
-                    iov = [b for e in executor.execute(req) for b in self.conn.send_iov(e)]
-                data = b"".join(bytes(b) for b in iov)[: f.cut_reply_at]
-                self.t.send([data])
+            cut = f.cut_reply_at
+            self._send(executor.execute(req), lambda data: data[:cut])
             raise Disconnect(f"fault {f.spec}: cut after {f.cut_reply_at} reply bytes")
         data = b""
         if req.command == Cmd.READ and req.length <= 1 << 25 and req.offset + req.length <= executor.export.size:

@@ -1,0 +1,149 @@
+"""qemu's own metadata contexts on real qemu-nbd / qemu-storage-daemon: allocation depth and a dirty bitmap.
+
+The export is a qcow2 image with nothing allocated (content "zero") and one persistent bitmap b0,
+served with qemu-nbd ``-A -B b0`` (qemu-storage-daemon: ``allocation-depth=on,bitmaps.0=b0``).  A
+region starts unallocated (base:allocation hole+zero, depth 0, bitmap clean); after we write it, it
+must read back as data, local depth 1 and - the bitmap being enabled - dirty.  So the contexts are not
+only negotiated but report what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+from nbdref._constants import Cmd, TxFlag
+from nbdref._wire import encode_block_status_payload
+from nbdref.client import Client, ClientError
+
+from fixtures.exports import ExportRequest
+from fixtures.launch import export_workdir, start_server
+from fixtures.launchers.base import PeerUnsupported, RunningServer
+from fixtures.peerspec import PeerSpec
+from tests.interop.conftest import (
+    DOCKER_SERVERS,
+    Observer,
+    assert_clean,
+    observer_for,
+    peer_params,
+    require_docker,
+)
+
+MiB = 1 << 20
+EXPORT = ExportRequest(name="exp", size=4 * MiB, content="zero", image_format="qcow2", dirty_bitmaps=("b0",),
+                       allocation_depth=True)
+REGION = 64 * 1024                     # one qcow2 cluster
+BASE, DEPTH, BITMAP = "base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"
+# base:allocation: NBD_STATE_HOLE bit 0, NBD_STATE_ZERO bit 1.  qemu's nbd.rst: allocation depth is
+# "0 unallocated, 1 local image, 2+ backing depth"; a dirty bitmap sets "bit 0 (NBD_STATE_DIRTY)".
+HOLE, ZERO, DIRTY = 1, 2, 1
+QEMU_IMPLS = ("qemu-nbd", "qemu-storage-daemon")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "qemu_spec" in metafunc.fixturenames:
+        peers = tuple(p for p in DOCKER_SERVERS if p.implementation in QEMU_IMPLS)
+        metafunc.parametrize("qemu_spec", peer_params(metafunc.config, peers), scope="module")
+
+
+@pytest.fixture(scope="module")
+def qemu_server(qemu_spec: PeerSpec) -> Iterator[RunningServer]:
+    require_docker(qemu_spec)
+    try:
+        server = start_server(qemu_spec, EXPORT, workdir=export_workdir(f"ctx-{qemu_spec.implementation}"))
+    except PeerUnsupported as e:
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
+@contextlib.contextmanager
+def connected(spec: PeerSpec, server: RunningServer) -> Iterator[Client]:
+    client = Client(timeout=10)
+    for name in (BASE, DEPTH, BITMAP):
+        client.add_meta_context(name)
+    try:
+        client.connect_uri(server.uri)
+        yield client
+    finally:
+        violations = client.violations
+        client.close()
+    assert_clean(spec.id, violations)
+
+
+def status_at(c: Client, offset: int) -> dict[str, tuple[int, int]]:
+    """context -> (length, flags) of the first extent at ``offset`` (REQ_ONE is not used: one chunk per
+    context must come back either way, BS-002)."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def callback(name: str, _offset: int, entries: list[int], _err: int) -> None:
+        seen.setdefault(name, (entries[0], entries[1]))
+
+    c.block_status(REGION, offset, callback)
+    return seen
+
+
+# NBD_OPT_SET_META_CONTEXT selects what the server supports; NBD_CMD_BLOCK_STATUS then "must be answered
+# with one NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected context" (BS-002).
+@pytest.mark.req("BS-002", "BS-009", "BS-011")
+def test_contexts_negotiated(request: pytest.FixtureRequest, qemu_spec: PeerSpec, qemu_server: RunningServer) -> None:
+    observe: Observer = observer_for(request, qemu_spec)
+    with connected(qemu_spec, qemu_server) as c:
+        selected = set(c.get_meta_contexts().values())
+        observe.judge("qemu:allocation-depth", DEPTH in selected)
+        observe.judge("qemu:dirty-bitmap", BITMAP in selected)
+        assert BASE in selected
+        assert set(status_at(c, 0)) == selected
+
+
+# The contexts describe the image: an untouched cluster of an empty qcow2 is a hole reading as zeroes,
+# unallocated at every depth and clean; after a WRITE it is data, allocated locally and dirty.
+@pytest.mark.req("BS-002", "BS-019")
+def test_contexts_follow_a_write(request: pytest.FixtureRequest, qemu_spec: PeerSpec,
+                                 qemu_server: RunningServer) -> None:
+    observe: Observer = observer_for(request, qemu_spec)
+    offset = 5 * REGION
+    with connected(qemu_spec, qemu_server) as c:
+        if not {DEPTH, BITMAP} <= set(c.get_meta_contexts().values()):
+            pytest.skip(f"{qemu_spec.id} lacks {DEPTH} or {BITMAP}")
+        before = status_at(c, offset)
+        assert before[BASE][1] == HOLE | ZERO, before
+        assert before[DEPTH][1] == 0, before
+        assert before[BITMAP][1] & DIRTY == 0, before
+        try:
+            c.pwrite(b"\x5a" * REGION, offset)
+        except ClientError as e:
+            pytest.fail(f"{qemu_spec.id}: WRITE to a writable export failed: {e}")
+        after = status_at(c, offset)
+        observe("contexts after write", {k.split(":")[-1]: v[1] for k, v in sorted(after.items())})
+        assert after[BASE][1] & HOLE == 0, after
+        assert after[DEPTH][1] == 1, after
+        assert after[BITMAP][1] & DIRTY == DIRTY, after
+
+
+# Ext-header draft, NBD_CMD_BLOCK_STATUS: a server advertising NBD_FLAG_BLOCK_STATUS_PAYLOAD supports "an
+# alternative request form where the client sets NBD_CMD_FLAG_PAYLOAD_LEN in order to pass a payload that
+# informs the server to limit its replies to the metacontext id(s) in the client's request payload"; the
+# payload "MUST occupy 8 + n*4 bytes" (EXT-056): effect length, then the ids.  One id asked, one answered.
+@pytest.mark.req("EXT-011", "EXT-013", "EXT-056")
+def test_block_status_payload_filter(request: pytest.FixtureRequest, qemu_spec: PeerSpec,
+                                     qemu_server: RunningServer) -> None:
+    observe: Observer = observer_for(request, qemu_spec)
+    with connected(qemu_spec, qemu_server) as c:
+        advertised = bool(c.get_transmission_flags() & TxFlag.BLOCK_STATUS_PAYLOAD)
+        observe.judge("NBD_FLAG_BLOCK_STATUS_PAYLOAD", advertised)
+        if not advertised:
+            pytest.skip(f"{qemu_spec.id} does not advertise NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+        assert c.get_extended_headers_negotiated()       # EXT-011, checked by the core as well
+        ids = {name: ctx for ctx, name in c.get_meta_contexts().items()}
+        payload = encode_block_status_payload(REGION, (ids[DEPTH],))
+        seen: dict[str, list[int]] = {}
+
+        def callback(name: str, _offset: int, entries: list[int], _err: int) -> None:
+            seen.setdefault(name, []).extend(entries)
+
+        c.wait(c.aio_command(Cmd.BLOCK_STATUS, 6 * REGION, len(payload), payload=payload, extent_cb=callback))
+        observe("BLOCK_STATUS payload filter", sorted(seen))
+        assert set(seen) == {DEPTH}, f"asked for {DEPTH} only, got {sorted(seen)}"
+        assert seen[DEPTH][0] <= REGION or len(seen[DEPTH]) > 2
