@@ -37,6 +37,7 @@ __all__ = ["ACK_TRANSITIONS", "NEED_DATA", "TRANSITIONS", "Connection", "Role", 
 # Module-level aliases: reading an enum member off its class costs several times a global lookup.
 _ERROR, _CLOSED, _TLS_HANDSHAKE = State.ERROR, State.CLOSED, State.TLS_HANDSHAKE
 _DISC = int(Cmd.DISC)
+_NO_ZEROES, _C_NO_ZEROES = int(HandshakeFlag.NO_ZEROES), int(ClientFlag.NO_ZEROES)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 
 # (state, sender, event class) -> next state, filled from TRANSITIONS as classes are first seen.
@@ -160,9 +161,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     @property
     def no_zeroes(self) -> bool:
         """Both sides agreed to omit the 124 zero bytes after NBD_OPT_EXPORT_NAME."""
-        return bool(
-            (self.handshake_flags or 0) & HandshakeFlag.NO_ZEROES and (self.client_flags or 0) & ClientFlag.NO_ZEROES
-        )
+        return bool((self.handshake_flags or 0) & _NO_ZEROES and (self.client_flags or 0) & _C_NO_ZEROES)
 
     @property
     def pending_option(self) -> ev.Option | None:

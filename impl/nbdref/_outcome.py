@@ -18,8 +18,9 @@ _READ, _WRITE, _CACHE, _WRITE_ZEROES = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CA
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _FAST_ZERO, _DF = int(CmdFlag.FAST_ZERO), int(CmdFlag.DF)
 _SEND_CACHE, _SEND_FAST_ZERO, _READ_ONLY = int(TxFlag.SEND_CACHE), int(TxFlag.SEND_FAST_ZERO), int(TxFlag.READ_ONLY)
-_EINVAL, _ENOSPC, _EPERM = int(Err.EINVAL), int(Err.ENOSPC), int(Err.EPERM)
-_ENOTSUP, _EOVERFLOW = int(Err.ENOTSUP), int(Err.EOVERFLOW)
+# Expected errors stay Err members (the API shows names); comparing them is int comparison in C.
+_EINVAL, _ENOSPC, _EPERM = Err.EINVAL, Err.ENOSPC, Err.EPERM
+_ENOTSUP, _EOVERFLOW = Err.ENOTSUP, Err.EOVERFLOW
 # Commands that modify the export ("If NBD_FLAG_READ_ONLY is set the server MUST fail subsequent
 # write operations", WR-001).
 _WRITES = frozenset({_WRITE, int(Cmd.TRIM), _WRITE_ZEROES})

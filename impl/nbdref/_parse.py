@@ -139,8 +139,10 @@ class Parsers(Checker):
 
     def _receive(self, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event:
         """Run the shared checks/effects on a decoded peer message and record it."""
-        self._parse_noted.clear()
-        self.transcript.record(self._peer_dir, e, nbytes)
+        if self._parse_noted:
+            self._parse_noted.clear()
+        if self.transcript.enabled:
+            self.transcript.record(self._peer_dir, e, nbytes)
         self._process(self.peer, e, raw)
         return e
 

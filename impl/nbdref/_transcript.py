@@ -27,6 +27,7 @@ def _name(enum_cls: type[enum.IntEnum], prefix: str, value: int) -> str:
 
 
 def _flags(flag_cls: type[enum.IntFlag], value: int) -> str:
+    value = int(value)  # plain int: ``~`` on an IntFlag would hide the undefined bits shown below
     if not value:
         return "0"
     names = [m.name for m in flag_cls if m.value & value and m.value == (m.value & -m.value)]

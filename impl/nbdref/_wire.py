@@ -47,6 +47,11 @@ BLOCK_STATUS_EXTENT = Struct(">II")  # length, status flags
 BLOCK_STATUS_EXT_HEADER = Struct(">II")  # context id, descriptor count
 BLOCK_STATUS_EXT_EXTENT = Struct(">QQ")  # length, status flags
 ERROR_HEADER = Struct(">IH")  # error, message length (6)
+# Transmission magics as plain ints: they are packed for every request and reply, and reading an enum
+# member off its class costs several times a global lookup.
+_REQUEST_MAGIC, _EXTENDED_REQUEST_MAGIC = int(Magic.REQUEST), int(Magic.EXTENDED_REQUEST)
+_SIMPLE_REPLY_MAGIC = int(Magic.SIMPLE_REPLY)
+_STRUCTURED_REPLY_MAGIC, _EXTENDED_REPLY_MAGIC = int(Magic.STRUCTURED_REPLY), int(Magic.EXTENDED_REPLY)
 BLOCK_STATUS_PAYLOAD_HEADER = U64  # extended BLOCK_STATUS request payload: effect length, then ids
 
 
@@ -267,8 +272,8 @@ def decode_info(option: int, data: bytes) -> ev.RepInfo:
 def encode_request_header(e: ev.Request, extended: bool, payload_len: int) -> bytes:
     """Request header; with extended headers and PAYLOAD_LEN, ``length`` is the payload length."""
     if extended:
-        return EXTENDED_REQUEST.pack(Magic.EXTENDED_REQUEST, e.flags, e.command, e.cookie, e.offset, e.length)
-    return REQUEST.pack(Magic.REQUEST, e.flags, e.command, e.cookie, e.offset, e.length)
+        return EXTENDED_REQUEST.pack(_EXTENDED_REQUEST_MAGIC, e.flags, e.command, e.cookie, e.offset, e.length)
+    return REQUEST.pack(_REQUEST_MAGIC, e.flags, e.command, e.cookie, e.offset, e.length)
 
 
 def encode_block_status_payload(effect_length: int, context_ids: tuple[int, ...]) -> bytes:
@@ -280,15 +285,15 @@ def encode_block_status_payload(effect_length: int, context_ids: tuple[int, ...]
 
 
 def encode_simple_reply_header(cookie: int, error: int) -> bytes:
-    return SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, error, cookie)
+    return SIMPLE_REPLY.pack(_SIMPLE_REPLY_MAGIC, error, cookie)
 
 
 def encode_chunk_header(
     flags: int, reply_type: int, cookie: int, length: int, extended: bool, offset: int = 0
 ) -> bytes:
     if extended:
-        return EXTENDED_CHUNK.pack(Magic.EXTENDED_REPLY, flags, reply_type, cookie, offset, length)
-    return STRUCTURED_CHUNK.pack(Magic.STRUCTURED_REPLY, flags, reply_type, cookie, length)
+        return EXTENDED_CHUNK.pack(_EXTENDED_REPLY_MAGIC, flags, reply_type, cookie, offset, length)
+    return STRUCTURED_CHUNK.pack(_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length)
 
 
 def chunk_payload(e: ev.Chunk, extended_bs: bool) -> bytes:

@@ -31,7 +31,8 @@ class Persona:
     opt_go: bool = True                    # NBD_OPT_GO and NBD_OPT_INFO (else NBD_REP_ERR_UNSUP)
     info_name: bool = True                 # answers NBD_INFO_NAME requests
     info_description: bool = True          # answers NBD_INFO_DESCRIPTION requests
-    info_block_size: tuple[int, int, int] | None = (1, 4096, _M32)  # sent with INFO/GO; None: never sent
+    # Sent with INFO/GO when requested (None: never sent); enforced once NBD_OPT_GO advertised it.
+    info_block_size: tuple[int, int, int] | None = (1, 4096, _M32)
     info_size_zero: bool = False           # nbd-server quirk: NBD_OPT_INFO reports export size 0
     structured_replies: bool = True        # accepts NBD_OPT_STRUCTURED_REPLY
     offset_hole: bool = True               # sends NBD_REPLY_TYPE_OFFSET_HOLE for sparse reads

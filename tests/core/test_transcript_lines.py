@@ -207,6 +207,13 @@ ROWS: list[tuple[str, Callable[[], ConnectionPair], str, ev.Event, str | tuple[s
         "NBD_CMD_FLUSH cookie=3 offset=0 length=0 flags=0x8000",
     ),
     (
+        "request-undefined-intflag",
+        lambda: _lenient_tx(),
+        "C",
+        ev.Request(cookie=4, command=Cmd.FLUSH, flags=CmdFlag(0x8001)),
+        "NBD_CMD_FLUSH cookie=4 offset=0 length=0 flags=FUA|0x8000",
+    ),
+    (
         "request-disc",
         tx(),
         "C",
@@ -366,3 +373,17 @@ def test_every_event_class_is_in_the_table() -> None:
     missing = {c.__name__ for c in every - abstract - local - sent if issubclass(c, ev.Event)}
     assert not missing
     assert GREETING.startswith("S:")
+
+
+def test_buffers_of_another_item_size_are_counted_in_bytes() -> None:
+    """``len`` of a memoryview counts items: a WRITE payload viewed as 32-bit words, or bytes handed to
+    receive_data that way, must still frame as their size in bytes."""
+    p = ConnectionPair()
+    p.handshake()
+    words = memoryview(bytearray(range(8))).cast("I")  # 2 items, 8 bytes
+    data = p.client.send(ev.Request(cookie=1, command=Cmd.WRITE, offset=0, length=8, payload=words))
+    assert len(data) == 28 + 8
+    p.server.receive_data(memoryview(bytearray(data)).cast("H"))
+    got = p.server.next_event()
+    assert isinstance(got, ev.Request) and bytes(got.payload) == bytes(range(8))
+    assert p.server.violations == []

@@ -137,6 +137,7 @@ def test_undefined_transmission_flags_are_ignored(flags: int) -> None:
     assert p.client.transmission_flags == 0x8001 and type(p.client.transmission_flags) is int
     assert type(p.server.transmission_flags) is int
     assert "flags=HAS_FLAGS|0x8000" in str(p.client.transcript)
+    assert "flags=HAS_FLAGS|0x8000" in str(p.server.transcript)
 
 
 @pytest.mark.parametrize("flags", [0x8001, 0x0003], ids=["bit15", "bit1"])

@@ -9,63 +9,24 @@ feature is attached to the test report (``user_properties``) and printed as one 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fixtures.matrix import load_matrix
-from fixtures.peerspec import PeerSpec
+from fixtures.matrix import client_tools
 from fixtures.runs import ProcId, cleanup_run, current_run, sweep_stale
-from fixtures.timeline import Finding, FindingKind, expected, judge
+from tests.interop.helpers import DOCKER_CLIENTS, DOCKER_SERVERS, OBSERVED, TOOL_ATTR, peer_params
 
-ROOT = Path(__file__).resolve().parents[2]
-MATRIX = load_matrix(ROOT / "matrix.yaml")
-DOCKER_SERVERS: tuple[PeerSpec, ...] = tuple(p for p in MATRIX.servers() if p.launcher == "docker")
-DOCKER_CLIENTS: tuple[PeerSpec, ...] = tuple(p for p in MATRIX.clients() if p.launcher == "docker")
-FATAL = ("MUST", "MUST NOT")
-_OBSERVED = "interop-observed"
 _TABLE: list[tuple[str, str, str]] = []
-
-
-# ---------------------------------------------------------------------------------------------- peers
-
-_DOCKER: list[tuple[bool, str]] = []
-
-
-def docker_ok() -> tuple[bool, str]:
-    """Asked once per process: a dead engine costs a 10 s timeout."""
-    if not _DOCKER:
-        from fixtures.images import docker_available
-
-        _DOCKER.append(docker_available())
-    return _DOCKER[0]
-
-
-def require_docker(spec: PeerSpec) -> None:
-    ok, why = docker_ok()
-    if not ok:
-        pytest.skip(f"{spec.id}: Docker is not available: {why}")
-    from fixtures.images import ensure_image
-
-    assert spec.suite is not None
-    ensure_image(spec.suite, progress=lambda _m: None)      # cached; built once per suite otherwise
-
-
-def peer_params(config: pytest.Config, peers: tuple[PeerSpec, ...]) -> list[Any]:
-    """One param per peer, marked docker and (under xdist) grouped by peer for ``--dist loadgroup``."""
-    grouped = config.pluginmanager.hasplugin("xdist")
-    return [pytest.param(p, id=p.id, marks=[pytest.mark.docker,
-                                            *([pytest.mark.xdist_group(p.id)] if grouped else [])])
-            for p in peers]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``docker_server_spec`` / ``docker_client_spec`` over the matrix's Docker peers, module
     scope, so a module runs every test of one peer before starting the next peer."""
-    for name, peers in (("docker_server_spec", DOCKER_SERVERS), ("docker_client_spec", DOCKER_CLIENTS)):
+    tool = getattr(metafunc.function, TOOL_ATTR, None)          # set by helpers.uses_tool
+    clients = tuple(p for p in DOCKER_CLIENTS if tool is None or tool in client_tools(p))
+    for name, peers in (("docker_server_spec", DOCKER_SERVERS), ("docker_client_spec", clients)):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, peer_params(metafunc.config, peers), scope="module")
 
@@ -79,55 +40,11 @@ def _interop_run() -> Iterator[None]:
     cleanup_run(run, mine_only=run.owner != ProcId.me())
 
 
-# ---------------------------------------------------------------------------------------------- verdicts
-
-def split_violations(violations: list[Any]) -> tuple[list[str], list[str]]:
-    """(MUST-level breaches, the rest) as strings."""
-    fatal = [str(v) for v in violations if v.level in FATAL]
-    other = [str(v) for v in violations if v.level not in FATAL]
-    return fatal, other
-
-
-def assert_clean(who: str, violations: list[Any], *, allowed: frozenset[str] = frozenset()) -> None:
-    """No breach of a MUST; weaker breaches are reported as warnings (STYLE.md: non-strict, not failed).
-
-    ``allowed`` names requirement ids a test has judged separately (it asserts them itself).
-    """
-    kept = [v for v in violations if v.req_id not in allowed]
-    fatal, other = split_violations(kept)
-    for text in other:
-        warnings.warn(f"{who}: non-strict: {text}", stacklevel=2)
-    assert not fatal, f"{who} broke the spec: {fatal}"
-
-
-class Observer:
-    """Records what a peer did, for the peer x feature table (and judges it against the timeline)."""
-
-    def __init__(self, node: pytest.Item, peer: PeerSpec) -> None:
-        self.node, self.peer = node, peer
-
-    def __call__(self, feature: str, observed: object) -> None:
-        self.node.user_properties.append((_OBSERVED, (self.peer.id, feature, str(observed))))
-
-    def judge(self, feature: str, observed: bool, *, as_peer: PeerSpec | None = None) -> Finding:
-        """Compare with fixtures/data/timeline.yaml: MISSING fails, EARLY (a backport) only warns."""
-        finding = judge(expected(feature, as_peer or self.peer), observed)
-        self(feature, f"{'yes' if observed else 'no'} [{finding.kind.name}]")
-        if finding.kind is FindingKind.EARLY:
-            warnings.warn(f"{self.peer.id}: {finding}", stacklevel=2)
-        assert not finding.failed, f"{self.peer.id}: {finding}"
-        return finding
-
-
-def observer_for(request: pytest.FixtureRequest, peer: PeerSpec) -> Observer:
-    return Observer(request.node, peer)
-
-
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call":
         return
     for key, value in report.user_properties:
-        if key == _OBSERVED:
+        if key == OBSERVED:
             _TABLE.append(tuple(value))  # type: ignore[arg-type]
 
 

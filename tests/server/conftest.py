@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from nbdref.server import Export, Server
 
+from . import rawclient
+
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
@@ -21,6 +23,14 @@ def sockdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="nbdsrv-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_sockets() -> Iterator[None]:
+    """Close the client ends rawclient.pair() handed out (a test may stop reading half-way)."""
+    yield
+    while rawclient.OPENED:
+        rawclient.OPENED.pop().close()
 
 
 @pytest.fixture

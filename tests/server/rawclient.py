@@ -10,10 +10,15 @@ OPT_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 
 
+# Client ends handed out by pair(); conftest closes them after each test, whatever the test did.
+OPENED: list[socket.socket] = []
+
+
 def pair(server, timeout: float = 5.0) -> socket.socket:
     """A socketpair whose other end the server serves in-process; returns the client end."""
     a, b = socket.socketpair()
     a.settimeout(timeout)
+    OPENED.append(a)
     server.serve_socket(b)
     return a
 
@@ -44,19 +49,32 @@ def request(cmd: int, offset: int = 0, length: int = 0, cookie: int = 1, flags: 
 
 def handshake(sock: socket.socket, export: str = "exp", structured: bool = False) -> None:
     """Greeting, client flags, [STRUCTURED_REPLY], NBD_OPT_GO until NBD_REP_ACK."""
+    replies = go(sock, export, structured=structured)
+    assert replies[-1][0] == 1, hex(replies[-1][0])
+
+
+def go(sock: socket.socket, export: str = "exp", infos: tuple[int, ...] = (), *,
+       structured: bool = False) -> list[tuple[int, bytes]]:
+    """Greeting, client flags, [STRUCTURED_REPLY], NBD_OPT_GO asking for ``infos``: the replies."""
     greeting = recv_exact(sock, 18)
     assert greeting[:8] == b"NBDMAGIC"
     sock.sendall(struct.pack(">I", 3))
     if structured:
         sock.sendall(option(8))
         assert read_option_reply(sock)[1] == 1
+    return opt_go(sock, export, infos)
+
+
+def opt_go(sock: socket.socket, export: str = "exp", infos: tuple[int, ...] = ()) -> list[tuple[int, bytes]]:
+    """One NBD_OPT_GO: every (reply type, data) up to and including the final (non-INFO) reply."""
     name = export.encode()
-    sock.sendall(option(7, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)))
+    sock.sendall(option(7, struct.pack(f">I{len(name)}sH{len(infos)}H", len(name), name, len(infos), *infos)))
+    out = []
     while True:
-        _, rtype, _ = read_option_reply(sock)
-        if rtype == 1:
-            return
-        assert rtype == 3, hex(rtype)
+        _, rtype, data = read_option_reply(sock)
+        out.append((rtype, data))
+        if rtype != 3:  # NBD_REP_INFO
+            return out
 
 
 def simple_reply(sock: socket.socket) -> tuple[int, int]:

@@ -67,6 +67,8 @@ class _Served:
             raise
         finally:
             self.stderr = self.proc.stderr.read()  # type: ignore[union-attr]
+            self.proc.stdout.close()  # type: ignore[union-attr]
+            self.proc.stderr.close()  # type: ignore[union-attr]
 
 
 @needs_nbdinfo

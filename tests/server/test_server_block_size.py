@@ -24,24 +24,6 @@ REP_ACK, REP_INFO = 1, 3
 ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
 
 
-def _go(sock: socket.socket, infos: tuple[int, ...] = (), export: bytes = b"exp") -> list[tuple[int, bytes]]:
-    """Greeting, client flags, NBD_OPT_GO asking for ``infos``: every (reply type, data) to the final one."""
-    assert rc.recv_exact(sock, 18)[:8] == b"NBDMAGIC"
-    sock.sendall(struct.pack(">I", 3))
-    body = struct.pack(">I", len(export)) + export + struct.pack(f">H{len(infos)}H", len(infos), *infos)
-    sock.sendall(rc.option(7, body))
-    return _replies(sock)
-
-
-def _replies(sock: socket.socket) -> list[tuple[int, bytes]]:
-    out = []
-    while True:
-        _, rtype, data = rc.read_option_reply(sock)
-        out.append((rtype, data))
-        if rtype != REP_INFO:
-            return out
-
-
 def _read(sock: socket.socket, offset: int, length: int, cookie: int) -> int:
     """A READ with simple replies; returns the error (the data, if any, is consumed)."""
     sock.sendall(rc.request(0, offset, length, cookie=cookie))
@@ -64,7 +46,7 @@ def test_persona_block_size_is_enforced_once_advertised(serve):
     # request is not aligned to advertised minimum block size boundaries".
     s = serve([Export.memory("exp", MiB)], persona="qemu-2.10")
     c = rc.pair(s)
-    replies = _go(c, (INFO_BLOCK_SIZE,))
+    replies = rc.go(c, infos=(INFO_BLOCK_SIZE,))
     sizes = [struct.unpack(">HIII", d[:14])[1:] for t, d in replies if t == REP_INFO and d[:2] == b"\0\3"]
     assert sizes == [(512, 4096, 32 * MiB)] and replies[-1][0] == REP_ACK
     assert _read(c, 100, 512, 1) == EINVAL   # misaligned offset
@@ -79,7 +61,7 @@ def test_persona_block_size_not_enforced_when_not_advertised(serve):
     # ... a server SHOULD support a default minimum block size of 1".
     s = serve([Export.memory("exp", MiB)], persona="qemu-2.10")
     c = rc.pair(s)
-    replies = _go(c)
+    replies = rc.go(c)
     assert [t for t, _ in replies if t == REP_INFO and _[:2] == b"\0\3"] == []
     assert _read(c, 100, 100, 1) == 0
     c.close()
@@ -90,7 +72,7 @@ def test_persona_maximum_payload_is_enforced(serve):
     persona = with_changes(get("nbdref"), info_block_size=(512, 4096, 64 * 1024))
     s = serve([Export.memory("exp", MiB)], persona=persona)
     c = rc.pair(s)
-    assert _go(c, (INFO_BLOCK_SIZE,))[-1][0] == REP_ACK
+    assert rc.go(c, infos=(INFO_BLOCK_SIZE,))[-1][0] == REP_ACK
     # "the client MUST NOT request a length larger than the maximum payload size": refused, and the
     # payload is consumed so the connection stays in step.
     c.sendall(rc.request(1, 0, 128 * 1024, cookie=7) + b"x" * (128 * 1024))
@@ -121,18 +103,17 @@ def test_reference_client_agrees_with_the_refusals(serve):
 def test_block_size_required_refuses_go_without_the_request(serve):
     s = serve([Export.memory("exp", MiB, block_size=(4096, 4096, MiB), block_size_required=True)])
     c = rc.pair(s)
-    replies = _go(c)
+    replies = rc.go(c)
     # "A server sending an NBD_REP_ERR_BLOCK_SIZE_REQD error SHOULD ensure it first sends an
     # NBD_INFO_BLOCK_SIZE information reply".
     assert [t for t, _ in replies] == [REP_INFO, ERR_BLOCK_SIZE_REQD]
     assert struct.unpack(">HIII", replies[0][1]) == (INFO_BLOCK_SIZE, 4096, 4096, MiB)
     # "The server MUST NOT send this error if size constraints were requested": the retry goes through.
-    body = struct.pack(">I", 3) + b"exp" + struct.pack(">HH", 1, INFO_BLOCK_SIZE)
-    c.sendall(rc.option(7, body))
-    assert _replies(c)[-1][0] == REP_ACK
+    assert rc.opt_go(c, infos=(INFO_BLOCK_SIZE,))[-1][0] == REP_ACK
     assert _read(c, 4096, 4096, 1) == 0
     c.sendall(rc.request(2, cookie=2))  # NBD_CMD_DISC
     assert rc.closed(c)
+    c.close()
     clean(s)
     _no_local_breach(s)
 
@@ -145,6 +126,7 @@ def test_block_size_required_hangs_up_on_export_name(serve):
     rc.recv_exact(c, 18)
     c.sendall(struct.pack(">I", 3) + rc.option(1, b"exp"))
     assert rc.closed(c)
+    c.close()
     assert s.wait_closed(10)
     assert "NBD_INFO_BLOCK_SIZE" in s.records[0].reason
 

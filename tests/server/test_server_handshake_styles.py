@@ -53,6 +53,7 @@ def test_oldstyle_greeting_on_the_wire(serve):
     assert rc.recv_exact(c, 512) == b"oldstyle" * 64
     c.sendall(rc.request(2, cookie=6))
     assert rc.closed(c)
+    c.close()
     clean(s)
 
 
@@ -109,6 +110,7 @@ def test_plain_newstyle_hangs_up_on_other_options(serve):
     assert struct.unpack(">H", rc.recv_exact(c, 18)[16:])[0] == 2  # NO_ZEROES only
     c.sendall(struct.pack(">I", 0) + rc.option(7, struct.pack(">I", 3) + b"exp" + b"\0\0"))
     assert rc.closed(c)
+    c.close()
     assert s.wait_closed(10) and "without fixed newstyle" in s.records[0].reason
 
 
@@ -119,6 +121,7 @@ def test_no_zeroes_masked_and_set_anyway_hangs_up(serve):
     assert struct.unpack(">H", rc.recv_exact(c, 18)[16:])[0] == 1  # FIXED_NEWSTYLE only
     c.sendall(struct.pack(">I", 3))
     assert rc.closed(c)
+    c.close()
     assert s.wait_closed(10) and "NO_ZEROES" in s.records[0].reason
     assert "sent anyway" not in str(s.records[0].transcript)
 
@@ -133,6 +136,7 @@ def test_no_zeroes_masked_sends_the_zeroes(serve):
     assert struct.unpack(">Q", reply[:8])[0] == 2 * MiB and reply[10:] == bytes(124)
     c.sendall(rc.request(2))
     assert rc.closed(c)
+    c.close()
     clean(s)
 
 

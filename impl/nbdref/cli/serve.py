@@ -166,9 +166,11 @@ def _serve_stdin(export: Export, common: dict) -> int:
     from ..server import Server
     from ..server._transport import PipeTransport, SocketTransport
 
+    placeholder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # never listens: stdin is the client
     try:
-        sock_server = Server(export, sockets=[socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)], **common)
+        sock_server = Server(export, sockets=[placeholder], **common)
     except ValueError as e:
+        placeholder.close()
         print(f"nbdref serve: {e}", file=sys.stderr)
         return 1
     try:
