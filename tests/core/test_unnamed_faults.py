@@ -231,3 +231,22 @@ def test_lengths_under_the_caps_pass() -> None:
     greet(p)
     got = p.send(p.client, ev.OptInfo(name="x" * 4096, info=(Info.NAME,)))
     assert got[0].name == "x" * 4096 and p.server.violations[0].req_id == "GEN-002"  # SHOULD: 256 bytes
+
+
+@pytest.mark.parametrize(
+    ("block_size", "req_id"), [(None, None), ((1, 4096, 1 << 15), "SR-028")], ids=["none", "max"]
+)
+def test_big_offset_data_without_read_buffer(block_size, req_id) -> None:
+    """Data over the buffering cap: SR-028 when it also exceeds the advertised maximum payload
+    ("No variable-length part of a chunk may exceed the advertised maximum payload"), else our limit."""
+    p = ConnectionPair(client=SMALL)
+    tx(p, block_size=block_size)
+    p.send(p.client, R(cookie=1, command=Cmd.READ, length=1 << 17))
+    data_len = 1 << 17
+    head = _chunk(1, 8 + data_len) + w.OFFSET.pack(0)
+    with pytest.raises(RemoteProtocolError, match="buffering cap") as info:
+        p.deliver(p.client, head)
+    if req_id is None:
+        assert info.value.violation is None and "proto.md" in str(info.value)
+    else:
+        assert info.value.violation.req_id == req_id

@@ -115,6 +115,7 @@ def test_reference_client_names_the_broken_rule(serve):
     with pytest.raises(Exception):  # noqa: B017 - ClientError or RemoteProtocolError, both fine
         c.pread(4096, 0)
     ids = {v.req_id for v in c.violations}
+    c.close()
     assert ids, "the reference client recorded no violation"
     assert any(i.startswith(("SR-", "RD-")) for i in ids), ids
 

@@ -81,6 +81,8 @@ def test_stdin_over_pipes():
         if p.poll() is None:
             p.kill()
             p.wait(5)
+        p.stdin.close()  # type: ignore[union-attr]
+        p.stdout.close()  # type: ignore[union-attr]
 
 
 def test_ipv6_loopback(sockdir):
