@@ -14,7 +14,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m nbdref {%s} ..." % "|".join(COMMANDS), file=sys.stderr)
+        print(f"usage: python -m nbdref {{{'|'.join(COMMANDS)}}} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]])
     return int(module.main(argv[1:]) or 0)
