@@ -51,12 +51,14 @@ class _Reply:
         "contexts",
         "covered",
         "covered_bytes",
+        "effect",
         "error",
         "error_offsets",
         "flags",
         "plain_errors",
         "request",
         "view",
+        "wanted",
     )
 
     def __init__(self, request: ev.Request, view: memoryview | None = None) -> None:
@@ -72,6 +74,11 @@ class _Reply:
         self.contexts: set[int] = set()
         self.plain_errors = 0  # NBD_REPLY_TYPE_ERROR chunks seen
         self.error_offsets: list[int] = []  # offsets of ERROR_OFFSET chunks seen
+        # How much of the export the request is about, and which contexts a BLOCK_STATUS asked for
+        # (None = every negotiated one). The payload form of BLOCK_STATUS changes both: the header's
+        # length is then the payload length and "C: 64 bits, effect length" is inside the payload.
+        self.effect: int | None = request.length
+        self.wanted: tuple[int, ...] | None = None
 
     def overlaps(self, start: int, end: int) -> bool:
         i = bisect.bisect_left(self.covered, (start, start))

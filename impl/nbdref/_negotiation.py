@@ -300,7 +300,7 @@ class NegotiationRules(Checker):
         self._check(not again, "GO-028", f"NBD_INFO type {r.info_type} sent twice")
         self._pending_infos.append(r)
         if isinstance(r, ev.RepInfoExport):
-            self._tx_flags(r.transmission_flags)
+            self._tx_flags(r.transmission_flags, go=self._pending)
         elif isinstance(r, ev.RepInfoName):
             self._string(r.name, "canonical export name")
         elif isinstance(r, ev.RepInfoDescription):
@@ -319,10 +319,11 @@ class NegotiationRules(Checker):
             # "The maximum payload size ... MUST be at least the preferred block size" (BSZ-021)
             self._check(mx >= pref, "BSZ-021", f"maximum payload {mx} below preferred block size {pref}")
 
-    def _tx_flags(self, flags: int) -> None:
+    def _tx_flags(self, flags: int, *, go: ev.Option | None = None) -> None:
         """Checks on transmission flags (EXPORT_NAME reply, NBD_INFO_EXPORT, oldstyle greeting).
 
-        Undefined bits are not a breach: "Clients SHOULD ignore unknown flags" (CMD-013).
+        ``go`` is the option an NBD_INFO_EXPORT answers. Undefined bits are not a breach: "Clients
+        SHOULD ignore unknown flags" (CMD-013).
         """
         flags = int(flags)
         # "NBD_FLAG_HAS_FLAGS ... MUST always be 1" (CMD-009)
@@ -343,13 +344,13 @@ class NegotiationRules(Checker):
             "EXT-011",
             "BLOCK_STATUS_PAYLOAD without extended headers",
         )
-        # "...SHOULD NOT advertise NBD_FLAG_BLOCK_STATUS_PAYLOAD in the GO reply if no meta contexts
-        # were negotiated" (EXT-012)
-        self._check(
-            not (flags & TxFlag.BLOCK_STATUS_PAYLOAD) or self.meta_contexts,
-            "EXT-012",
-            "BLOCK_STATUS_PAYLOAD without negotiated meta contexts",
-        )
+        if isinstance(go, ev.OptGo) and flags & TxFlag.BLOCK_STATUS_PAYLOAD:
+            # "...and SHOULD NOT advertise this bit in response to NBD_OPT_GO if the client does not
+            # negotiate metacontexts with NBD_OPT_SET_META_CONTEXT" (EXT-012): the GO reply only, not
+            # NBD_OPT_INFO's (which selects nothing) nor NBD_OPT_EXPORT_NAME's. Contexts negotiated for
+            # another export are not negotiated for this one (they are dropped, BS-045).
+            negotiated = bool(self.meta_contexts) and self._meta_export == go.name
+            self._check(negotiated, "EXT-012", "BLOCK_STATUS_PAYLOAD without negotiated meta contexts")
 
     def _on_export_name_reply(self, e: ev.ExportNameReply) -> None:
         opt = self._pending

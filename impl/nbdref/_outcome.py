@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._constants import VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
+from ._constants import DEFAULT_MAX_PAYLOAD, VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
 
 # Plain ints throughout: this runs for every request and reply, and IntFlag arithmetic (or reading an
 # enum member off its class) costs far more than the int operation itself.
@@ -18,6 +18,7 @@ _READ, _WRITE, _CACHE, _WRITE_ZEROES = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CA
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _FAST_ZERO, _DF = int(CmdFlag.FAST_ZERO), int(CmdFlag.DF)
 _SEND_CACHE, _SEND_FAST_ZERO, _READ_ONLY = int(TxFlag.SEND_CACHE), int(TxFlag.SEND_FAST_ZERO), int(TxFlag.READ_ONLY)
+_BLOCK_STATUS_PAYLOAD = int(TxFlag.BLOCK_STATUS_PAYLOAD)
 # Expected errors stay Err members (the API shows names); comparing them is int comparison in C.
 _EINVAL, _ENOSPC, _EPERM = Err.EINVAL, Err.ENOSPC, Err.EPERM
 _ENOTSUP, _EOVERFLOW = Err.ENOTSUP, Err.EOVERFLOW
@@ -46,10 +47,18 @@ class Negotiated:
     min_block: int | None  # advertised minimum block size, if any
     max_payload: int | None
     contexts: int  # number of negotiated meta contexts
+    context_ids: frozenset[int] = frozenset()  # their ids
+    structured: bool = False  # structured replies or extended headers negotiated
 
 
-def refusals(cmd: int, flags: int, offset: int, length: int, st: Negotiated) -> list[tuple[str, int | None]]:
-    """The rules that say this request should fail, with the error each expects."""
+def refusals(
+    cmd: int, flags: int, offset: int, length: int, st: Negotiated, *, payload_ids: tuple[int, ...] | None = None
+) -> list[tuple[str, int | None]]:
+    """The rules that say this request should fail, with the error each expects.
+
+    ``length`` is the effect length; ``payload_ids`` the context ids of a BLOCK_STATUS sent in payload
+    form (its effect length then comes from the payload too).
+    """
     cmd, flags = int(cmd), int(flags)
     out: list[tuple[str, int | None]] = []
     valid = _VALID_FLAGS.get(cmd)
@@ -76,15 +85,30 @@ def refusals(cmd: int, flags: int, offset: int, length: int, st: Negotiated) -> 
         out.append(("ERR-004", _EINVAL))  # "not aligned to the advertised minimum block size"
     if cmd == _BLOCK_STATUS and not st.contexts:
         out.append(("BS-004", _EINVAL))  # "SHOULD answer NBD_EINVAL when no context was selected"
+    if payload_ids is not None and cmd == _BLOCK_STATUS:
+        unsupported = not tx & _BLOCK_STATUS_PAYLOAD
+        odd = len(set(payload_ids)) != len(payload_ids) or not st.context_ids.issuperset(payload_ids)
+        if unsupported or odd:
+            # "If the server does not support the payload form, or detects duplicate or unknown
+            # metacontext ids in the client's payload, the server MUST gracefully consume the client's
+            # payload before failing with NBD_EINVAL" (EXT-055)
+            out.append(("EXT-055", _EINVAL))
     return out
 
 
 def judge(
-    cmd: int, flags: int, offset: int, length: int, error: int, st: Negotiated
+    cmd: int,
+    flags: int,
+    offset: int,
+    length: int,
+    error: int,
+    st: Negotiated,
+    *,
+    payload_ids: tuple[int, ...] | None = None,
 ) -> list[tuple[str, str]]:
-    """Rules the reply ``error`` breaks: ``[(req_id, why), ...]``."""
+    """Rules the reply ``error`` breaks: ``[(req_id, why), ...]`` (arguments as for ``refusals``)."""
     broken: list[tuple[str, str]] = []
-    rules = refusals(cmd, flags, offset, length, st)
+    rules = refusals(cmd, flags, offset, length, st, payload_ids=payload_ids)
     cmd, flags, error = int(cmd), int(flags), int(error)
     if rules:
         wanted = {e for _, e in rules if e is not None}
@@ -111,10 +135,20 @@ def judge(
             # "NBD_ENOTSUP should only be returned for WRITE_ZEROES with FAST_ZERO" (ERR-007)
             broken.append(("ERR-007", f"NBD_ENOTSUP for {_name(cmd)}"))
     if error == _EOVERFLOW:
+        # "The server SHOULD NOT return NBD_EOVERFLOW except as documented in response to NBD_CMD_READ
+        # when NBD_CMD_FLAG_DF is supported, or when a command without payload requests a length larger
+        # than an advertised maximum payload length" (ERR-006).
         df_read = cmd == _READ and flags & _DF
         oversize = st.max_payload is not None and length > st.max_payload and cmd not in (_READ, _WRITE)
-        if not (df_read or oversize):
-            # "NBD_EOVERFLOW should only be returned for DF reads or oversize payload-less requests"
+        # Also documented, in NBD_CMD_READ's structured-reply paragraph: "A server MAY support read
+        # requests larger than the maximum payload size by splitting the response across multiple
+        # chunks ...; however, the server is also permitted to reject large read requests up front with
+        # NBD_EOVERFLOW". "Large" is over the maximum payload size: the advertised one, else the 2^25
+        # default ("Absent advertised constraints ... payloads of at most 2^25 bytes", BSZ-008). With
+        # simple replies such a READ is the client's breach (BSZ-025) and nothing documents EOVERFLOW.
+        limit = st.max_payload if st.max_payload is not None else DEFAULT_MAX_PAYLOAD
+        large_read = cmd == _READ and st.structured and length > limit
+        if not (df_read or oversize or large_read):
             broken.append(("ERR-006", f"NBD_EOVERFLOW for {_name(cmd)}"))
     return broken
 

@@ -111,7 +111,9 @@ class Parsers(Checker):
             # Extents are nonzero (BS-057), so more descriptors than requested bytes means the ones
             # before the last sum to the requested length or more (BS-060); otherwise there are more
             # than 2^20 of them (BS-062).
-            return "BS-060" if count > reply.request.length else "BS-062"
+            # The requested length is the effect length (inside the payload in the payload form).
+            effect = reply.effect
+            return "BS-060" if effect is not None and count > effect else "BS-062"
         if not w.is_error_type(rtype):
             # Unknown (or, like OFFSET_DATA to a non-READ, unexpected) type: "the client MUST
             # hard-disconnect" (SR-027).
@@ -491,11 +493,12 @@ class Parsers(Checker):
             return NEED_DATA
         _, flags, cmd, cookie, offset, length = buf.unpack(layout)
         if layout is w.EXTENDED_REQUEST:
-            has_payload = bool(flags & _PAYLOAD_LEN)
-            if cmd == _WRITE and not has_payload:
-                # "NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN" (EXT-002): the data that
-                # follows cannot be told from the next request.
-                self._violation_now("EXT-002", "extended WRITE without PAYLOAD_LEN", buf.peek(32), fatal=True)
+            # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN in this mode"
+            # (EXT-002, recorded by the request rules like any other breach). A WRITE without it is
+            # still framed: a write always carries its data ("NBD_CMD_WRITE (as the write command always
+            # sends a payload of the length given)"), so length bytes of data follow, as qemu-nbd 11.1
+            # reads them from qemu-io 10.0/11.1.
+            has_payload = bool(flags & _PAYLOAD_LEN) or cmd == _WRITE
         else:
             has_payload = cmd == _WRITE
         plen = length if has_payload else 0

@@ -122,15 +122,23 @@ class TransmissionRules(Checker):
             # "The client MUST follow a WRITE header with exactly length bytes of data" (WR-002)
             self._check(False, "WR-002", f"WRITE length {e.length} with {payload_len} bytes")
         has_payload = bool(flags & _PAYLOAD_LEN) and self.extended_headers
-        if not e.length and not has_payload and cmd in _ZERO_LENGTH_REQ:
+        length: int | None = e.length
+        form = None
+        if cmd == _BLOCK_STATUS and has_payload:
+            # Payload form: "the client sets NBD_CMD_FLAG_PAYLOAD_LEN in order to pass a payload that
+            # informs the server to limit its replies to the metacontext id(s) in the client's request
+            # payload"; the header's length is the payload's, the effect length is inside it.
+            form = w.decode_block_status_payload(payload) if payload is not None else None
+            # "The payload form MUST occupy 8 + n*4 bytes" (EXT-056)
+            n = payload_len if payload is not None else e.length
+            well_formed = form is not None if payload is not None else n >= 8 and (n - 8) % 4 == 0
+            self._check(well_formed, "EXT-056", f"BLOCK_STATUS payload of {n} bytes")
+            length = form[0] if form is not None else None  # malformed: no effect length to judge by
+        if length == 0 and cmd in _ZERO_LENGTH_REQ and (form is not None or not has_payload):
             self._check(False, _ZERO_LENGTH_REQ[cmd], f"zero-length {Cmd(cmd).name}")
-        if cmd in _RANGE_COMMANDS and not (has_payload and cmd == _BLOCK_STATUS):
-            self._range_checks(e)
+        if cmd in _RANGE_COMMANDS and length is not None:
+            self._range_checks(e.offset, length, cmd)
         if cmd == _BLOCK_STATUS:
-            if has_payload:
-                # "The BLOCK_STATUS payload MUST be 8 + 4n bytes: effect length then context ids" (EXT-056)
-                n = payload_len if payload is not None else e.length
-                self._check(n >= 8 and (n - 8) % 4 == 0, "EXT-056", f"BLOCK_STATUS payload of {n} bytes")
             # "The client MUST NOT send NBD_CMD_BLOCK_STATUS unless it selected at least one context"
             # (BS-003)
             self._check(self.meta_contexts, "BS-003", "NBD_CMD_BLOCK_STATUS without a negotiated context")
@@ -140,10 +148,15 @@ class TransmissionRules(Checker):
                 view = memoryview(e.read_buffer).cast("B")
                 if len(view) < e.length:
                     raise LocalProtocolError(f"read_buffer of {len(view)} bytes for a {e.length}-byte READ")
-            inflight[e.cookie] = _Reply(e, view)
+            reply = inflight[e.cookie] = _Reply(e, view)
+            if cmd == _BLOCK_STATUS and has_payload:
+                reply.effect = length
+                # A malformed payload, or one naming no id, selects nothing the draft defines: no
+                # particular chunk can be demanded then.
+                reply.wanted = form[1] if form is not None else ()
 
-    def _range_checks(self, e: ev.Request) -> None:
-        offset, length = e.offset, e.length
+    def _range_checks(self, offset: int, length: int, cmd: int) -> None:
+        """Rules on the range a request is about (``length``: the effect length)."""
         if self.export_size is not None and offset + length > self.export_size:
             # "The client MUST NOT send a request whose offset plus length exceeds the export size"
             # (BSZ-033)
@@ -157,7 +170,6 @@ class TransmissionRules(Checker):
                     "BSZ-031",
                     f"offset {offset} / length {length} not multiples of minimum block size {mn}",
                 )
-            cmd = int(e.command)
             simple_read = cmd == _READ and not (self.structured_replies or self.extended_headers)
             if (cmd == _WRITE or simple_read) and mx != MAX_PAYLOAD_UNLIMITED and length > mx:
                 # "A client MUST NOT request a WRITE, or a READ with simple replies, longer than the
@@ -205,7 +217,10 @@ class TransmissionRules(Checker):
 
     def _negotiated(self) -> _outcome.Negotiated:
         """The negotiated state the outcome rules need (rebuilt only when it changed)."""
-        key = (self.export_size, self._tx, self.block_size, len(self.meta_contexts))
+        structured = self.structured_replies or self.extended_headers
+        # The dict itself, not a copy of its ids: the core replaces meta_contexts, never mutates it, and
+        # tuple comparison checks identity first (this runs for every completed request).
+        key = (self.export_size, self._tx, self.block_size, self.meta_contexts, structured)
         if key != self._negotiated_key:
             bs = self.block_size
             self._negotiated_key = key
@@ -215,6 +230,8 @@ class TransmissionRules(Checker):
                 min_block=bs[0] if bs else None,
                 max_payload=bs[2] if bs else None,
                 contexts=len(self.meta_contexts),
+                context_ids=frozenset(self.meta_contexts),
+                structured=structured,
             )
         return self._negotiated_cache
 
@@ -222,18 +239,29 @@ class TransmissionRules(Checker):
         """Why a correct server fails ``request`` now: ``[(req_id, NBD error or None = any error)]``.
 
         The reference server can answer with the first error; the client side judges replies with the
-        same table when they complete.
+        same table when they complete. A BLOCK_STATUS in payload form is judged by the effect length
+        and context ids inside its payload.
         """
-        return _outcome.refusals(
-            int(request.command), int(request.flags), request.offset, request.length, self._negotiated()
-        )
+        cmd, flags, length, ids = int(request.command), int(request.flags), request.length, None
+        if cmd == _BLOCK_STATUS and flags & _PAYLOAD_LEN and self.extended_headers:
+            form = w.decode_block_status_payload(request.payload) if request.payload is not None else None
+            length, ids = form if form is not None else (0, ())  # malformed: EXT-056, the client's
+        return _outcome.refusals(cmd, flags, request.offset, length, self._negotiated(), payload_ids=ids)
 
     def _complete(self, reply: _Reply) -> None:
         req = reply.request
         cookie = req.cookie
         del self._inflight[cookie]
         self._completed.append(cookie)
-        for req_id, why in _outcome.judge(reply.command, reply.flags, req.offset, req.length, reply.error, self._negotiated()):
+        for req_id, why in _outcome.judge(
+            reply.command,
+            reply.flags,
+            req.offset,
+            reply.effect or 0,
+            reply.error,
+            self._negotiated(),
+            payload_ids=reply.wanted,
+        ):
             self._check(False, req_id, why)
         if self._sender is not self.role:  # ReplyComplete is for the side that receives replies
             self._queue.append(ev.ReplyComplete(cookie=cookie, command=req.command, error=reply.error))
@@ -323,7 +351,6 @@ class TransmissionRules(Checker):
             self._check(False, "RD-045", "more than one content chunk with DF")
 
     def _status_chunk(self, e: ev.BlockStatus, reply: _Reply) -> None:
-        req = reply.request
         if reply.command != _BLOCK_STATUS:
             self._check(False, "SR-027", f"block status chunk in reply to {_cmd(reply.command)}", fatal=True)
             return
@@ -336,6 +363,11 @@ class TransmissionRules(Checker):
             self._check(not self.extended_headers, "EXT-049", "compact BLOCK_STATUS with extended headers")
         # "one NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected context" (BS-002)
         self._check(e.context_id in self.meta_contexts, "BS-002", f"context id {e.context_id} not negotiated")
+        if reply.wanted and e.context_id not in reply.wanted:
+            # Payload form: the payload "informs the server to limit its replies to the metacontext id(s)
+            # in the client's request payload"; "the server MUST use one reply chunk per selected
+            # context id" (BS-002 / EXT-053): the payload did not select this one.
+            self._check(False, "BS-002", f"context id {e.context_id} not asked in the payload {sorted(reply.wanted)}")
         self._check(e.context_id not in reply.contexts, "BS-002", f"second chunk for context {e.context_id}")
         reply.contexts.add(e.context_id)
         ext = e.extents
@@ -345,8 +377,10 @@ class TransmissionRules(Checker):
         if any(n == 0 for n, _ in ext):
             # "Each extent length MUST be nonzero" (BS-057 / EXT-048)
             self._check(False, "EXT-048" if extended else "BS-057", "extent of length 0")
-        length = req.length
-        if reply.flags & _REQ_ONE:
+        length = reply.effect  # the payload form's effect length, not the header's payload length
+        if length is None:  # malformed payload form (EXT-056): no length to measure the extents by
+            pass
+        elif reply.flags & _REQ_ONE:
             # "With REQ_ONE ... exactly one descriptor ... not longer than the request" (BS-058/059)
             self._check(len(ext) == 1, "BS-058", f"{len(ext)} extents with REQ_ONE")
             self._check(not ext or ext[0][0] <= length, "BS-059", "REQ_ONE extent longer than the request")
@@ -393,7 +427,11 @@ class TransmissionRules(Checker):
             # "in which case it MUST NOT send any content chunk" (RD-049)
             self._check(reply.content_chunks == 0, "RD-049", "content chunk in a DF reply failed with EOVERFLOW")
         if reply.error == 0 and reply.command == _BLOCK_STATUS:
-            # "A successful reply has exactly one status chunk per negotiated context ID" (BS-056)
-            missing = set(self.meta_contexts) - reply.contexts
+            # "A successful reply has exactly one status chunk per negotiated context ID" (BS-056); in
+            # the payload form the ext-header draft narrows that to the ids the payload names: it
+            # "informs the server to limit its replies to the metacontext id(s) in the client's request
+            # payload".
+            wanted = reply.wanted
+            missing = set(self.meta_contexts if wanted is None else wanted) - reply.contexts
             self._check(not missing, "BS-056", f"no status chunk for contexts {sorted(missing)}")
         self._complete(reply)

@@ -8,7 +8,7 @@ what they hold; every integer is big-endian ("network byte order", proto.md Conv
 
 from __future__ import annotations
 
-from struct import Struct
+from struct import Struct, unpack_from
 
 from . import _events as ev
 from ._constants import REP_FLAG_ERROR, REPLY_TYPE_ERROR_BIT, Info, Magic, Rep, ReplyType
@@ -279,6 +279,20 @@ def encode_request_header(e: ev.Request, extended: bool, payload_len: int) -> by
 def encode_block_status_payload(effect_length: int, context_ids: tuple[int, ...]) -> bytes:
     """Extended BLOCK_STATUS payload: 64-bit effect length then 32-bit context ids (EXT-056)."""
     return BLOCK_STATUS_PAYLOAD_HEADER.pack(effect_length) + b"".join(U32.pack(i) for i in context_ids)
+
+
+def decode_block_status_payload(data: bytes | bytearray | memoryview) -> tuple[int, tuple[int, ...]] | None:
+    """(effect length, context ids) of an extended BLOCK_STATUS payload; None if not 8 + 4n bytes.
+
+    In that form the header's length is the payload's: "The payload form MUST occupy 8 + n*4 bytes ...
+    C: 64 bits, effect length / C: n * 32 bits, list of metacontext ids to use" (EXT-056).
+    """
+    n = nbytes(data)
+    if n < 8 or (n - 8) % 4:
+        return None
+    (effect,) = BLOCK_STATUS_PAYLOAD_HEADER.unpack_from(data)
+    ids = unpack_from(f">{(n - 8) // 4}I", data, 8)
+    return effect, ids
 
 
 # --------------------------------------------------------------------------- replies

@@ -153,7 +153,7 @@ class Executor:
                 raise RequestError(Err.EINVAL, f"payload {length} exceeds maximum {self.max_payload}")
         elif cmd == Cmd.READ and length > max(self.max_payload, 1 << 25):
             # Structured reads: "the server is also permitted to reject large read requests up front
-            # with NBD_EOVERFLOW" (proto.md, NBD_CMD_READ); the core's ERR-006 rule still notes it.
+            # with NBD_EOVERFLOW" (proto.md, NBD_CMD_READ); documented, so ERR-006 allows it.
             raise RequestError(Err.EOVERFLOW, f"read of {length} bytes is too large")
         if cmd == Cmd.READ and flags & _DF and length > 0xFFFFFFFF - 8:
             raise RequestError(Err.EOVERFLOW, "too large to send unfragmented")
