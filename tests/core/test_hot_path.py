@@ -2,7 +2,7 @@
 
 IntFlag ``&``/``|``/``~`` run Python code and build a new flag object each time (~0.8 µs), and
 ``Cmd(x)``/``CmdFlag(x)`` cost ~0.4 µs: a handful per request doubled the cost of a round trip
-(``tests/core/bench_core.py``). Counting those calls during steady-state round trips catches a
+(``benchmarks/bench_core.py``). Counting those calls during steady-state round trips catches a
 regression without measuring time. The transcript stays on: it formats lazily, so recording costs no
 enum work either.
 """

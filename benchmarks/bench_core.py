@@ -1,6 +1,6 @@
 """Hot-path cost of the sans-I/O core, without any real peer (run on demand, not collected by pytest).
 
-    .venv/bin/python tests/core/bench_core.py [--requests 100000] [--size 1G] [--request-size 256K] [--profile]
+    .venv/bin/python benchmarks/bench_core.py [--requests 100000] [--size 1G] [--request-size 256K] [--profile]
 
 1. ``pair``: small READs (4 KiB, simple and structured replies) through an in-memory client/server
    pair: client send -> server receive -> server send reply -> client receive. Prints µs per request
@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "impl"))
 
 from nbdref import NEED_DATA, ClientConnection, Cmd, ServerConnection, Transcript  # noqa: E402
