@@ -26,13 +26,6 @@ _DATA_CAP = 64  # bytes of offending data kept in a Violation
 _MANDATORY = frozenset({"MUST", "MUST NOT"})
 
 
-def _cmd(cmd: int) -> str:
-    try:
-        return "NBD_CMD_" + Cmd(cmd).name
-    except ValueError:
-        return f"command {cmd}"
-
-
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

@@ -129,7 +129,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._shutdown_seen = False  # NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN received from the server
         self._last_info: tuple | None = None  # (name, info, RepInfoExport) of the last successful INFO
         self._options_since_info = 0
-        self._last_reply_failed = False  # the last final option reply was an error
+        self._last_reply_failed = False  # the last final option reply was a TLS failure (see _closed)
         self._parse_noted: set[tuple[str, str]] = set()  # parse-time breaches of the current message
         # We sent raw bytes or broke a mandatory rule: the peer's hard disconnect is then legitimate.
         self.local_breach = False
@@ -269,9 +269,8 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             kind = next((k for k in _FAST_KINDS if isinstance(e, k)), kind)
         if kind is ev.Request:
             payload = e.payload  # type: ignore[attr-defined]
-            n = w.nbytes(payload) if payload is not None else 0
-            head = w.encode_request_header(e, self.extended_headers, n)  # type: ignore[arg-type]
-            return [head, payload] if n else [head]
+            head = w.encode_request_header(e, self.extended_headers)  # type: ignore[arg-type]
+            return [head, payload] if payload is not None and w.nbytes(payload) else [head]
         if kind is ev.SimpleReply:
             data = e.data  # type: ignore[attr-defined]
             head = w.encode_simple_reply_header(e.cookie, e.error)  # type: ignore[attr-defined]
@@ -431,8 +430,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             if pending not in (Opt.EXPORT_NAME, Opt.ABORT) and not self._bad_client_flags():
                 self._check(False, "DISC-006", f"server closed during option haggling (pending {pending})")
         elif self.role is SERVER and self._state is State.OPTIONS and self._pending is None:
-            # After an error reply the client may give up (TLS refused or required, TLS-031/036/040/041;
-            # failed TLS, DISC-005); otherwise "a client must not hard-disconnect" (DISC-007).
+            # proto.md allows a client's hard disconnect "following a failed TLS negotiation" (DISC-005):
+            # after an error reply to STARTTLS, or ERR_TLS_REQD (TLS-031/036/040/041). Otherwise "it MUST
+            # NOT use a hard disconnect" (DISC-007), whatever other option failed.
             if not self._last_reply_failed:
                 self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
         elif self.role is SERVER and self._state is State.TRANSMISSION:

@@ -123,6 +123,14 @@ class Cmd(IntEnum):
     RESIZE = 8  # experimental (resize extension)
 
 
+def cmd_name(cmd: int) -> str:
+    """``NBD_CMD_<NAME>`` of a request type, ``command <n>`` for an undefined one (messages)."""
+    try:
+        return "NBD_CMD_" + Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd}"
+
+
 class CmdFlag(IntFlag):
     """16-bit command flags of a request."""
 

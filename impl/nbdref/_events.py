@@ -273,7 +273,8 @@ class SimpleReply(Event):
 
 @_ev
 class Chunk(Event):
-    """Base of structured / extended reply chunks. ``flags`` are the raw reply flags (DONE included)."""
+    """Base of structured / extended reply chunks. ``done`` is the NBD_REPLY_FLAG_DONE bit of the reply
+    flags (the only reply flag defined); ``reply_type`` is the chunk type of each subclass."""
 
     cookie: int
     done: bool = True

@@ -180,7 +180,11 @@ class NegotiationRules(Checker):
                 self._check(r.context_id == 0, "BS-041", f"LIST_META_CONTEXT reply with id {r.context_id}")
         if final:
             self._pending = None
-            self._last_reply_failed = isinstance(r, ev.RepError)
+            # An error reply to STARTTLS (a failed TLS negotiation, DISC-005 / TLS-036) or
+            # ERR_TLS_REQD (TLS required but not running, TLS-031/040/041): the client may give up.
+            self._last_reply_failed = isinstance(r, ev.RepError) and (
+                (opt is not None and opt.option == Opt.STARTTLS) or r.reply_type == Rep.ERR_TLS_REQD
+            )
 
     def _on_rep_error(self, opt: ev.Option, r: ev.RepError) -> None:
         code = opt.option

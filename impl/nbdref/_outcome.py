@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._constants import DEFAULT_MAX_PAYLOAD, VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
+from ._constants import DEFAULT_MAX_PAYLOAD, VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag, cmd_name
 
 # Plain ints throughout: this runs for every request and reply, and IntFlag arithmetic (or reading an
 # enum member off its class) costs far more than the int operation itself.
@@ -115,10 +115,10 @@ def judge(
         for req_id, expected in rules:
             if expected is None:
                 if error == 0:
-                    broken.append((req_id, f"success for a request that must fail ({_name(cmd)})"))
+                    broken.append((req_id, f"success for a request that must fail ({cmd_name(cmd)})"))
             elif len(wanted) == 1 and error != expected:
                 # Only judge the exact value when every applicable rule agrees on it.
-                broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected ({_name(cmd)})"))
+                broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected ({cmd_name(cmd)})"))
     if error == 0:
         return broken
     tx = st.transmission_flags
@@ -133,7 +133,7 @@ def judge(
             broken.append(("WZ-020", "NBD_ENOTSUP for WRITE_ZEROES without FAST_ZERO"))
         elif not wz:
             # "NBD_ENOTSUP should only be returned for WRITE_ZEROES with FAST_ZERO" (ERR-007)
-            broken.append(("ERR-007", f"NBD_ENOTSUP for {_name(cmd)}"))
+            broken.append(("ERR-007", f"NBD_ENOTSUP for {cmd_name(cmd)}"))
     if error == _EOVERFLOW:
         # "The server SHOULD NOT return NBD_EOVERFLOW except as documented in response to NBD_CMD_READ
         # when NBD_CMD_FLAG_DF is supported, or when a command without payload requests a length larger
@@ -149,15 +149,8 @@ def judge(
         limit = st.max_payload if st.max_payload is not None else DEFAULT_MAX_PAYLOAD
         large_read = cmd == _READ and st.structured and length > limit
         if not (df_read or oversize or large_read):
-            broken.append(("ERR-006", f"NBD_EOVERFLOW for {_name(cmd)}"))
+            broken.append(("ERR-006", f"NBD_EOVERFLOW for {cmd_name(cmd)}"))
     return broken
-
-
-def _name(cmd: int) -> str:
-    try:
-        return "NBD_CMD_" + Cmd(cmd).name
-    except ValueError:
-        return f"command {cmd}"
 
 
 def _err(e: int) -> str:

@@ -307,7 +307,11 @@ class Parsers(Checker):
         return self._receive(ev.SimpleReply(cookie=cookie, error=0, data=data), len(raw) + length, raw)
 
     def _start_sink(self, target: memoryview, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
-        """Run the checks for ``e`` now, then deliver its payload straight into ``target``."""
+        """Deliver the payload of ``e`` straight into ``target``; the checks of ``e`` run once it is complete.
+
+        The checks that guard ``target`` (range SR-032, overlap SR-033 of OFFSET_DATA) are made by the
+        caller before it starts the sink.
+        """
         self._sink_raw = (nbytes, raw)
         self._sink = target
         self._sink_left = len(target)
@@ -351,7 +355,11 @@ class Parsers(Checker):
         done = bool(flags & _DONE)
         if rtype == _OFFSET_DATA and reply.command == _READ:
             return self._parse_offset_data(hsize, cookie, done, length, reply, head)
-        cap = min(_chunk_cap(rtype, req.length), self.strictness.max_payload)
+        # The effect length bounds the extents (in the payload form req.length is the payload's size);
+        # a malformed payload form has none: fall back to the generic bound.
+        effect = reply.effect
+        measure = effect if effect is not None else MAX_EXTENTS_PER_CHUNK * 2
+        cap = min(_chunk_cap(rtype, measure), self.strictness.max_payload)
         if length > cap:
             # Refused before buffering: a hostile length must not make us reserve memory for it.
             message = f"chunk type {rtype:#x} of {length} bytes exceeds its {cap}-byte cap"
@@ -398,7 +406,12 @@ class Parsers(Checker):
         if not inside:
             # Checked here, before any byte is delivered, so data never lands outside read_buffer.
             self._violation_now("SR-032", f"data {offset}+{n} outside request {req.offset}+{req.length}", raw)
-        if reply.view is not None and inside:
+        # "MUST NOT overlap with any earlier content or error chunk" (SR-033): also checked before any
+        # byte is delivered, so the data does not overwrite what an earlier chunk put in read_buffer.
+        overlap = inside and reply.overlaps(offset, offset + n)
+        if overlap:
+            self._violation_now("SR-033", f"{offset}+{n} overlaps an earlier chunk", raw)
+        if reply.view is not None and inside and not overlap:
             e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=None, length=n, in_place=True)
             start = offset - req.offset
             return self._start_sink(reply.view[start : start + n], e, hsize + length, raw)

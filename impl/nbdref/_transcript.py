@@ -1,12 +1,13 @@
 """Wire transcript in proto.md's ``C:``/``S:`` notation.
 
 Entries keep the event and format it only when read, so the data path pays one small object per
-message; ``max_entries`` keeps the head and the tail with an "... N omitted" line in between, and
+message; a payload is kept as a `Preview` (length and first 16 bytes), never the buffer itself; ``max_entries`` keeps the head and the tail with an "... N omitted" line in between, and
 ``enabled=False`` switches recording off (benchmarks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Iterator
@@ -41,12 +42,62 @@ def _flags(flag_cls: type[enum.IntFlag], value: int) -> str:
     return out
 
 
+class Preview(bytes):
+    """What a transcript keeps of a payload: its first ``_PREVIEW`` bytes and its length ``nbytes``.
+
+    Recording an event must not keep its (possibly megabytes-long) buffer alive.
+    """
+
+    nbytes: int
+
+    def __new__(cls, head: bytes, nbytes: int) -> Preview:
+        self = super().__new__(cls, head)
+        self.nbytes = nbytes
+        return self
+
+    def __repr__(self) -> str:
+        return f"Preview({bytes(self)!r}, nbytes={self.nbytes})"
+
+
+def _nbytes(b: Any) -> int:
+    return b.nbytes if isinstance(b, Preview) else memoryview(b).nbytes
+
+
 def _bytes(b: Any) -> str:
     if b is None:
         return "in-place"
-    mv = memoryview(b).cast("B")
-    head = bytes(mv[:_PREVIEW]).hex()
-    return f"<{len(mv)} bytes {head}{'...' if len(mv) > _PREVIEW else ''}>"
+    n = _nbytes(b)
+    head = bytes(memoryview(b).cast("B")[:_PREVIEW]).hex()
+    return f"<{n} bytes {head}{'...' if n > _PREVIEW else ''}>"
+
+
+# Event types that can carry a large buffer, and the field holding it.
+_BUFFER_FIELD: dict[type, str] = {
+    ev.Request: "payload",
+    ev.SimpleReply: "data",
+    ev.OffsetData: "data",
+    ev.UnknownChunk: "data",
+    ev.OptUnknown: "data",
+    ev.RepUnknown: "data",
+    ev.RepInfoUnknown: "data",
+}
+
+
+def summarize(e: ev.Event) -> ev.Event:
+    """``e`` with a payload longer than ``_PREVIEW`` bytes replaced by its `Preview`."""
+    name = _BUFFER_FIELD.get(type(e))
+    if name is None:
+        return e
+    b = getattr(e, name)
+    if b is None or isinstance(b, Preview):
+        return e
+    mv = memoryview(b)
+    if mv.nbytes <= _PREVIEW:
+        return e
+    preview = Preview(bytes(mv.cast("B")[:_PREVIEW]), mv.nbytes)
+    if type(e) is ev.OffsetData and e.length < 0:  # type: ignore[attr-defined]
+        return dataclasses.replace(e, data=preview, length=mv.nbytes)  # type: ignore[arg-type]
+    return dataclasses.replace(e, **{name: preview})  # type: ignore[arg-type]
 
 
 def describe(e: ev.Event) -> str:
@@ -102,7 +153,7 @@ def describe(e: ev.Event) -> str:
         s = f"{rt} cookie={e.cookie}{' DONE' if e.done else ''}"
         if isinstance(e, ev.OffsetData):
             # length=-1 on a sent event means "len(data)": show the number of bytes that went out.
-            n = e.length if e.length >= 0 or e.data is None else len(memoryview(e.data).cast("B"))
+            n = e.length if e.length >= 0 or e.data is None else _nbytes(e.data)
             return f"{s} offset={e.offset} length={n} data={_bytes(e.data)}"
         if isinstance(e, ev.OffsetHole):
             return f"{s} offset={e.offset} length={e.length}"
@@ -196,8 +247,9 @@ class Transcript:
         self._tail.append(entry)
 
     def record(self, direction: str, event: ev.Event, nbytes: int) -> None:
+        """Add ``event``; a payload is kept as a `Preview` (length and first bytes), not the buffer."""
         if self.enabled:
-            self.add(Entry(direction, type(event).__name__, nbytes, event=event))
+            self.add(Entry(direction, type(event).__name__, nbytes, event=summarize(event)))
 
     def note(self, direction: str, kind: str, text: str, nbytes: int = 0) -> None:
         if self.enabled:

@@ -8,7 +8,6 @@ from . import _wire as w
 from ._checker import (
     _KNOWN_REPLY_TYPES,
     Checker,
-    _cmd,
     _Reply,
 )
 from ._constants import (
@@ -24,7 +23,9 @@ from ._constants import (
     Err,
     TxFlag,
 )
+from ._constants import cmd_name as _cmd
 from ._errors import LocalProtocolError
+from ._state import CLIENT
 
 # Requirement broken when a command is used although its transmission flag was not set.
 COMMAND_FLAG_REQ: dict[int, str] = {
@@ -82,8 +83,9 @@ class TransmissionRules(Checker):
                 # "The client SHOULD wait until no requests are in flight before sending NBD_CMD_DISC"
                 # (DISC-023)
                 self._check(False, "DISC-023", f"NBD_CMD_DISC with {len(inflight)} requests in flight")
-        elif self._shutdown_seen:
-            # "A client that receives NBD_ESHUTDOWN MUST initiate a soft disconnect" (DISC-021)
+        elif self._shutdown_seen and self.role is CLIENT:
+            # "A client that receives NBD_ESHUTDOWN MUST initiate a soft disconnect" (DISC-021). Only
+            # the client knows when it received it: a server would flag requests pipelined before.
             self._check(False, "DISC-021", f"{_cmd(cmd)} after NBD_ESHUTDOWN instead of NBD_CMD_DISC")
         if e.cookie in inflight:
             # "a client SHOULD give each request a cookie distinct from every request in flight" (CMD-001)
@@ -308,7 +310,11 @@ class TransmissionRules(Checker):
             # hard-disconnect" (SR-027)
             self._check(False, "SR-027", f"unknown chunk type {rtype:#x}", fatal=True)
         else:
-            reply.error = reply.error or 0x7FFFFFFF  # unknown error chunk: the reply failed (SR-051)
+            # Unknown error chunk: the reply failed (SR-051). "All error chunk types ... begin with the
+            # same *error*, *message length*, and optional *message* fields as NBD_REPLY_TYPE_ERROR".
+            data = e.data if isinstance(e, ev.UnknownChunk) else b""
+            error = int.from_bytes(bytes(data[:4]), "big") if len(data) >= 4 else 0
+            reply.error = reply.error or error or 0x7FFFFFFF
 
     def _extended_bs(self, e: ev.Chunk) -> bool:
         if isinstance(e, ev.BlockStatus):
@@ -342,7 +348,8 @@ class TransmissionRules(Checker):
         if n > 0:
             # "MUST NOT overlap with any earlier content or error chunk" (SR-033 / SR-037)
             if reply.overlaps(start, end):
-                self._check(False, "SR-037" if hole else "SR-033", f"{start}+{n} overlaps an earlier chunk")
+                if hole or self._sender is self.role:  # (received OFFSET_DATA: checked before its data)
+                    self._check(False, "SR-037" if hole else "SR-033", f"{start}+{n} overlaps an earlier chunk")
             else:
                 reply.cover(start, end)
         reply.content_chunks += 1
@@ -402,10 +409,11 @@ class TransmissionRules(Checker):
         # "The message length MUST NOT exceed 4096 bytes" (SR-043)
         self._check(len(w.enc_str(e.message)) <= STRING_MAX, "SR-043", "error message over 4096 bytes")
         self._string(e.message, "error message")
-        if e.offset is not None and reply.command in _RANGE_COMMANDS:
+        effect = reply.effect  # the payload form's effect length, not the header's payload length
+        if e.offset is not None and reply.command in _RANGE_COMMANDS and effect is not None:
             # "The offset MUST lie within the request's offset and length" (SR-046)
-            inside = req.offset <= e.offset < req.offset + max(req.length, 1)
-            self._check(inside, "SR-046", f"error offset {e.offset} outside request {req.offset}+{req.length}")
+            inside = req.offset <= e.offset < req.offset + max(effect, 1)
+            self._check(inside, "SR-046", f"error offset {e.offset} outside request {req.offset}+{effect}")
         if e.offset is None:
             reply.plain_errors += 1
             # "NBD_REPLY_TYPE_ERROR should not appear more than once in a reply" (SR-042)

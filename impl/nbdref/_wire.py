@@ -269,8 +269,8 @@ def decode_info(option: int, data: bytes) -> ev.RepInfo:
 # --------------------------------------------------------------------------- requests
 
 
-def encode_request_header(e: ev.Request, extended: bool, payload_len: int) -> bytes:
-    """Request header; with extended headers and PAYLOAD_LEN, ``length`` is the payload length."""
+def encode_request_header(e: ev.Request, extended: bool) -> bytes:
+    """Request header; with extended headers and PAYLOAD_LEN, ``e.length`` is the payload length."""
     if extended:
         return EXTENDED_REQUEST.pack(_EXTENDED_REQUEST_MAGIC, e.flags, e.command, e.cookie, e.offset, e.length)
     return REQUEST.pack(_REQUEST_MAGIC, e.flags, e.command, e.cookie, e.offset, e.length)
@@ -378,8 +378,9 @@ def decode_chunk(cookie: int, flags: int, rtype: int, data: bytes) -> ev.Chunk:
             raise WireError(f"error chunk with length {n} < {minimum}", req)
         err, mlen = ERROR_HEADER.unpack_from(data, 0)
         tail = 0 if rtype == ReplyType.ERROR else 8
-        # "message length MUST NOT exceed ... the chunk length" (SR-043)
-        if 6 + mlen + tail != n:
+        # "message length (no more than header length - 6)" (- 14 for ERROR_OFFSET, whose offset follows
+        # the message): bytes after them are allowed, a message past the chunk is not (SR-043).
+        if 6 + mlen + tail > n:
             raise WireError(f"error message length {mlen} inconsistent with chunk length {n}", "SR-043")
         msg = dec_str(data[6 : 6 + mlen])
         off = None if rtype == ReplyType.ERROR else U64.unpack_from(data, 6 + mlen)[0]
@@ -397,7 +398,7 @@ def is_error_type(rtype: int) -> bool:
 def encode_request(e: ev.Request, extended: bool = False) -> bytes:
     """Whole request (header + payload) as bytes: handy in tests and fault injection."""
     payload = bytes(e.payload) if e.payload is not None else b""
-    return encode_request_header(e, extended, len(payload)) + payload
+    return encode_request_header(e, extended) + payload
 
 
 __all__ = [n for n in dir() if n.isupper() or n.startswith(("encode_", "decode_"))]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import events as ev
-from ._constants import ClientFlag, Cmd, CmdFlag, HandshakeFlag, Info, Rep, TxFlag
+from ._constants import ClientFlag, Cmd, CmdFlag, HandshakeFlag, Info, Rep, TxFlag, cmd_name
 from ._errors import ProtocolError, RemoteProtocolError
 from ._strict import Strictness
 from ._transcript import Transcript
@@ -94,11 +94,8 @@ class _Command:
     covered: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _cmd_name(command: int) -> str:
-    try:
-        return "NBD_CMD_" + Cmd(command).name
-    except ValueError:
-        return f"command {command}"
+# Wire log entries a Client keeps by default: the head and the tail, like the server's sessions.
+TRANSCRIPT_MAX = 20000
 
 
 class Client:
@@ -107,7 +104,8 @@ class Client:
     def __init__(
         self, *, strictness: Strictness | None = None, timeout: float = 30.0, transcript: bool | Transcript = True
     ) -> None:
-        """`transcript=False` switches the wire log off (benchmarks); a `Transcript` is used as given."""
+        """`transcript=False` switches the wire log off (benchmarks); a `Transcript` is used as given;
+        by default the log keeps its first and last `TRANSCRIPT_MAX` / 2 entries."""
         self._strictness = strictness or Strictness()
         self._transcript = transcript
         self._timeout = timeout
@@ -246,6 +244,7 @@ class Client:
     def connect_uri(self, uri: str | Uri) -> None:
         """Connect as libnbd's nbd_connect_uri: transport, export, TLS settings from the URI.
         Unknown query parameters are diagnosed with a UriWarning (URI-022) and otherwise ignored."""
+        self._before_connect("connect_uri")  # before any setting changes or any socket opens
         parsed = parse_uri(uri, warn=True) if isinstance(uri, str) else uri
         self._export_name = parsed.export_name
         if parsed.tls_required:
@@ -270,6 +269,7 @@ class Client:
             self.connect_tcp(*address)
 
     def connect_unix(self, path: str | os.PathLike[str]) -> None:
+        self._before_connect("connect_unix")  # before the socket opens: it would leak
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self._timeout)
         try:
@@ -280,6 +280,7 @@ class Client:
         self.connect_socket(sock)
 
     def connect_tcp(self, host: str, port: int | str) -> None:
+        self._before_connect("connect_tcp")  # before the socket opens: it would leak
         sock = socket.create_connection((host, int(port)), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls_hostname is None:
@@ -295,7 +296,7 @@ class Client:
         if isinstance(self._transcript, Transcript):
             transcript = self._transcript
         else:
-            transcript = Transcript(enabled=bool(self._transcript))
+            transcript = Transcript(max_entries=TRANSCRIPT_MAX, enabled=bool(self._transcript))
         self._conn = ClientConnection(strictness=self._strictness, transcript=transcript)
         try:
             self._handshake()
@@ -654,7 +655,7 @@ class Client:
         extent_cb: ExtentCallback | None = None,
     ) -> int:
         """Send any request without waiting; returns its cookie (see `wait`, `aio_command_completed`)."""
-        conn = self._need_ready(_cmd_name(command))
+        conn = self._need_ready(cmd_name(command))
         cookie = self._next_cookie
         self._next_cookie += 1
         view = memoryview(buffer).cast("B") if buffer is not None else None
@@ -704,13 +705,16 @@ class Client:
         del self._commands[cookie]
         if command.error:
             name = _errno.errorcode.get(command.error, str(command.error))
-            what = _cmd_name(command.request.command)
+            what = cmd_name(command.request.command)
             raise ClientError(f"{what} failed: {name} ({os.strerror(command.error)})", errno=command.error)
         return True
 
     def poll(self) -> int:
-        """Receive once (blocking up to the timeout) and dispatch every complete event; returns how
-        many commands completed."""
+        """Block until at least one command completes, then return how many did.
+
+        Events already received are dispatched first; the socket is then read as often as needed
+        (each read waits up to the timeout, then raises TimeoutError). With nothing in flight it
+        blocks until the timeout or until the server closes the connection (ClientError)."""
         self._need_ready("poll")
         return self._dispatch_available(block=True)
 
@@ -762,14 +766,22 @@ class Client:
             elif command.buffer is not None and event.data is not None and not event.in_place:
                 command.buffer[: len(event.data)] = event.data
         elif isinstance(event, ev.OffsetData):
-            if command.buffer is not None and event.data is not None and not event.in_place:
+            buffer = command.buffer
+            if buffer is not None and event.data is not None and not event.in_place:
                 start = event.offset - command.request.offset
-                command.buffer[start : start + len(event.data)] = event.data
+                n = memoryview(event.data).nbytes
+                # Outside the request (recorded as SR-032 by the core; lenient mode lets it through):
+                # nothing of the caller's buffer is overwritten.
+                if start >= 0 and start + n <= len(buffer):
+                    buffer[start : start + n] = event.data
         elif isinstance(event, ev.OffsetHole):
-            if command.buffer is not None:
+            buffer = command.buffer
+            if buffer is not None:
                 start = event.offset - command.request.offset
-                # proto.md: "a hole ... reads as zeroes"
-                command.buffer[start : start + event.length] = bytes(event.length)
+                n = event.length
+                # proto.md: "a hole ... reads as zeroes"; outside the request: skipped (see above)
+                if start >= 0 and start + n <= len(buffer):
+                    buffer[start : start + n] = bytes(n)
         elif isinstance(event, ev.BlockStatus):
             if command.extent_cb is not None:
                 name = self.get_meta_contexts().get(event.context_id, f"#{event.context_id}")

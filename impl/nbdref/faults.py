@@ -5,9 +5,13 @@ plain data (``Fault``); the server driver asks it at three points:
 
 * ``cut_handshake_at`` / ``cut_reply_at``: close the socket after N bytes of handshake / of the first
   reply (the bytes up to N are sent, the rest never is);
-* ``stall_handshake`` / ``stall_reply``: stop answering (the client must time out);
+* ``stall_handshake`` / ``stall_reply``: stop answering (the client must time out); the stall ends after
+  PARAM seconds, when the server stops, or when the client hangs up;
 * ``reply_bytes(ctx)``: the raw bytes to send *instead of* the normal reply to the first request the fault
   applies to (sent with the core's ``send_raw``, so the state machine is not fooled).
+
+Whenever a fault is applied the session marks the core's ``local_breach``: a correct client that hangs
+up on the broken server is not charged with DISC-006/007/024.
 
 Names accept one numeric parameter after a colon, e.g. ``disconnect-handshake:20``.
 """
@@ -113,6 +117,7 @@ class Fault:
     name: str
     description: str
     needs_structured: bool = False       # only meaningful once structured replies are negotiated
+    needs_simple: bool = False           # only meaningful while structured replies are NOT negotiated
     applies_to: tuple[int, ...] = (Cmd.READ,)
     cut_handshake: bool = False
     cut_reply: bool = False
@@ -140,7 +145,9 @@ class Fault:
         return self.param if self.param is not None else self.default_param
 
     def applies(self, command: int, structured: bool) -> bool:
-        return command in self.applies_to and (structured or not self.needs_structured)
+        if command not in self.applies_to:
+            return False
+        return (structured or not self.needs_structured) and not (structured and self.needs_simple)
 
     def reply_bytes(self, ctx: ReplyContext) -> bytes | None:
         return self.builder(ctx) if self.builder is not None else None
@@ -169,8 +176,9 @@ FAULTS: dict[str, Fault] = {
               needs_structured=True, builder=_missing_done),
         Fault(name="oversize-length", description="reply claims 64 MiB more payload than requested",
               builder=_oversize_length),
+        # With structured replies negotiated the compact chunk would be legal: applies only without them.
         Fault(name="structured-unnegotiated", description="structured chunk although SR was not negotiated",
-              builder=_structured_unnegotiated),
+              needs_simple=True, builder=_structured_unnegotiated),
         Fault(name="error-chunk-bad-message-length", description="NBD_REPLY_TYPE_ERROR message length > chunk",
               needs_structured=True, builder=_error_chunk_bad_message_length),
         Fault(name="error-chunk-zero-error", description="NBD_REPLY_TYPE_ERROR with error 0",

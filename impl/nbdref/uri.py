@@ -44,8 +44,9 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 # Characters allowed anywhere in a URI (RFC 3986 section 2: unreserved, reserved, and '%' for escapes).
 _URI_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*$")
 _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# RFC 3986 reg-name and IPv4address characters (after percent-decoding is not allowed in a host here).
-_REG_NAME_RE = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=]*$")
+# RFC 3986 section 3.2.2: "reg-name = *( unreserved / pct-encoded / sub-delims )" (IPv4address is a
+# reg-name too); the host is percent-decoded after this check.
+_REG_NAME_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
 
 
 class UriError(ValueError):
@@ -113,7 +114,7 @@ class Uri:
         if self.user is not None:
             authority += quote(self.user, safe="!$&'()*+,;=") + "@"
         if self.host is not None:
-            authority += f"[{self.host}]" if ":" in self.host else self.host
+            authority += f"[{self.host}]" if ":" in self.host else quote(self.host, safe="!$&'()*+,;=")
         if self.port is not None and self.port != DEFAULT_PORT:
             authority += f":{self.port}"
         # The path is "/" + export name; quote everything but the path-safe characters, including '/'

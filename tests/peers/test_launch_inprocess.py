@@ -50,3 +50,76 @@ def test_nbdref_as_local_process(tmp_path: Path) -> None:
         assert s.handle.pid and s.alive()
         assert_serves(s, req)
     assert not s.alive()
+
+
+def _ref_spec(**kw) -> PeerSpec:
+    return spec(persona="nbdref", **kw)
+
+
+def test_inprocess_log_tail_has_records_violations_and_transcript(tmp_path: Path) -> None:
+    """The in-process server logs through `logging` only: the launcher writes srv.records into
+    log_path, so log_tail() (and so the evidence on reports) shows the server side."""
+    import socket
+
+    with start_server(_ref_spec(), ExportRequest(size=65536), workdir=tmp_path) as s:
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(s.socket))
+            assert c.recv(18).startswith(b"NBDMAGIC")
+            c.sendall(b"\xff\xff\xff\xff")          # undefined client flags: a client violation
+            c.settimeout(5)
+            assert c.recv(1) == b""                  # the server hangs up
+        s.handle.wait_for_connections(2, timeout=5)   # readiness probe + ours
+        tail = s.log_tail()
+        assert "== connection" in tail and "undefined client flags" in tail
+        assert "C: client_flags=0xffffffff" in tail                # transcript
+        assert "violation: HS-016" in tail                         # violations, one per line
+        assert "ended: " in tail                                   # reason
+    assert "violation: HS-016" in s.log_tail(), "the log stays after stop()"
+
+
+def _fd_count() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+def test_inprocess_start_stop_does_not_leak_fds(tmp_path: Path) -> None:
+    req = ExportRequest(size=65536)
+    with start_server(_ref_spec(), req, workdir=tmp_path / "warm"):
+        pass                                         # imports, caches
+    before = _fd_count()
+    for i in range(20):
+        start_server(_ref_spec(), req, workdir=tmp_path / f"s{i}").stop()
+    assert _fd_count() - before <= 2, "a file descriptor leaks per in-process start"
+
+
+def test_inprocess_failed_start_closes_the_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbdref.server as api
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    req = ExportRequest(size=65536)
+    with start_server(_ref_spec(), req, workdir=tmp_path / "warm"):
+        pass
+    monkeypatch.setattr(api, "Server", broken)
+    before = _fd_count()
+    for i in range(10):
+        with pytest.raises(PeerStartError, match="boom"):
+            start_server(_ref_spec(), req, workdir=tmp_path / f"s{i}")
+    assert _fd_count() - before <= 2
+
+
+@pytest.mark.parametrize("fault", ["wrong-greeting-magic", "disconnect-handshake:4"])
+@pytest.mark.parametrize("launcher", ["in-process", "local"])
+def test_handshake_faults_start(fault: str, launcher: str, tmp_path: Path) -> None:
+    """A matrix row `options: {fault: NAME}` with a handshake fault starts: readiness is a connect."""
+    from fixtures.readiness import probe_greeting
+
+    sp = PeerSpec(id=f"nbdref-{launcher}", implementation="nbdref", role="server", version="0",
+                  launcher=launcher, persona="nbdref", options=(("fault", fault), ("ready_timeout", "10")))
+    with start_server(sp, ExportRequest(size=65536), workdir=tmp_path) as s:
+        assert s.alive()
+        try:
+            got = probe_greeting(unix=s.socket, timeout=2)
+        except (OSError, ConnectionError):
+            got = b""                                # disconnect-handshake:4 closes after 4 bytes
+        assert got != b"NBDMAGIC", "the fault is in effect"

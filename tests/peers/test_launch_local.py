@@ -157,7 +157,14 @@ def test_unsupported_combination_is_distinct(tmp_path: Path) -> None:
 
 def test_unknown_placeholder_is_explained(tmp_path: Path) -> None:
     with pytest.raises(PeerStartError, match="unknown placeholder"):
-        start_server(custom_spec("srv", "{sockett}"), ExportRequest(size=4096), workdir=tmp_path)
+        start_server(custom_spec("sh", "{sockett}"), ExportRequest(size=4096), workdir=tmp_path)
+
+
+def test_custom_peer_with_a_missing_binary_is_an_error(tmp_path: Path) -> None:
+    """The user named this command: a typo must fail loudly, not skip quietly (host peers do skip)."""
+    with pytest.raises(PeerStartError, match="no-such-srv is not installed") as caught:
+        start_server(custom_spec("no-such-srv", "{socket}"), ExportRequest(size=4096), workdir=tmp_path)
+    assert not isinstance(caught.value, PeerUnsupported)
 
 
 @pytest.mark.parametrize("impl", ["qemu-nbd", "nbdkit", "nbd-server"])

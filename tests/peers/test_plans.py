@@ -203,3 +203,31 @@ def test_big_content_comes_from_a_cached_master(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes() == expected_bytes(req)
     a.write_bytes(b"x")                            # a test writing its disk must not touch the master
     assert materialize(req, tmp_path / "c").read_bytes() == expected_bytes(req)
+
+
+def test_local_runner_gives_up_when_a_killed_commands_pipes_stay_open(tmp_path, monkeypatch) -> None:
+    """After killpg a child that left the group (setsid) still holds stdout: the runner must not
+    wait for it forever but close the pipes and say so."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    import fixtures.launch as launch
+
+    monkeypatch.setattr(launch, "KILL_GRACE", 0.5)
+    pidfile = tmp_path / "escapee.pid"
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' & sleep 30"
+    t0 = time.monotonic()
+    try:
+        res = LocalCommandRunner().run(["sh", "-c", script], timeout=0.5)
+    finally:
+        deadline = time.monotonic() + 5
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    assert res.timed_out and res.rc is None and not res.ok
+    assert "output abandoned" in res.stderr
+    assert time.monotonic() - t0 < 5

@@ -218,3 +218,48 @@ def test_ctrl_c_of_pytest_runs_session_cleanup(state: Path, tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_short_socket_dirs_are_removed_with_their_run(state: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work dir too deep for a unix socket gets one under <state>/s/: it goes with the run's
+    cleanup, and sweeps remove those of dead runs and unrecorded leftovers."""
+    from fixtures.exports import ExportRequest
+    from fixtures.launch import start_server
+    from fixtures.peerspec import PeerSpec
+    from fixtures.runs import SHORT_DIR_RECORDS, cleanup_run, runs_root, short_root, short_socket_dir
+
+    pytest.importorskip("nbdref.server")
+    monkeypatch.delenv(RUN_ENV, raising=False)
+    run = current_run()
+    deep = run.workdir / ("d" * 60) / ("e" * 60)
+    spec = PeerSpec(id="nbdref-server", implementation="nbdref", role="server", version="0",
+                    launcher="in-process", persona="nbdref")
+    with start_server(spec, ExportRequest(size=4096), workdir=deep) as s:
+        assert s.socket is not None and s.socket.parent.parent == short_root()
+        short = s.socket.parent
+    assert short.is_dir() and (run.workdir / SHORT_DIR_RECORDS / short.name).exists()
+    cleanup_run(run)
+    assert not short.exists() and not run.workdir.exists()
+
+    # a dead owner's run: its short dirs go with it in the sweep
+    me = ProcId.me()
+    dead = runs_root() / "dead-run"
+    (dead / "procs").mkdir(parents=True)
+    (dead / "owner.json").write_text(json.dumps({"pid": me.pid, "start": me.start + 1}))
+    from fixtures.runs import RunInfo
+    orphan_of_dead = short_socket_dir(RunInfo("dead-run", ProcId(me.pid, me.start + 1), dead))
+    # left by a run dir removed some other way: swept once it is old
+    stray = short_root() / "0123456789ab"
+    stray.mkdir()
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))
+    # a live run's short dir stays
+    monkeypatch.delenv(RUN_ENV)
+    live_run = current_run()
+    assert live_run.run_id != run.run_id and (live_run.workdir / "owner.json").exists()
+    live = short_socket_dir(live_run)
+    sweep_stale()
+    assert not orphan_of_dead.exists() and not dead.exists() and not stray.exists()
+    assert live.is_dir()
+    cleanup_run(live_run)
+    assert not live.exists()

@@ -105,3 +105,54 @@ def test_dirty_bitmap_marks_touched_blocks():
     assert bm.extents(0, 1 << 20) == [(65536, 0), (65536, 1), ((1 << 20) - 2 * 65536, 0)]
     bm.clear()
     assert bm.extents(0, 1 << 20) == [(1 << 20, 0)]
+
+
+def _zero_range_works(directory) -> bool:
+    """Whether this file system can FALLOC_FL_ZERO_RANGE (ext4/xfs yes, tmpfs no)."""
+    from nbdref.backends import file as fb
+
+    probe = os.path.join(directory, ".zero-range-probe")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 8192)
+        return fb.fallocate(fd, fb.FALLOC_FL_ZERO_RANGE | fb.FALLOC_FL_KEEP_SIZE, 0, 4096)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+@pytest.fixture(params=["shm", "tmp"])
+def zero_dir(request, tmp_path):
+    if request.param == "tmp":
+        return tmp_path
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="nbdref-fz-", dir="/dev/shm")
+    request.addfinalizer(lambda: __import__("shutil").rmtree(d, ignore_errors=True))
+    return d
+
+
+def test_file_fast_zero_never_falls_back_to_writing(zero_dir):
+    """NBD_CMD_FLAG_FAST_ZERO: the zeroing is fast (fallocate) or refused with ENOTSUP, never written."""
+    import errno
+
+    b = FileBackend(os.path.join(zero_dir, "disk.img"), size=MiB)
+    b.pwrite(0, b"a" * 8192)
+    if _zero_range_works(zero_dir):
+        assert b.fast_zero_possible(0, 8192, may_trim=False)
+        b.zero(0, 8192, may_trim=False, fast=True)
+        assert b.pread(0, 8192) == bytes(8192)
+    else:  # tmpfs
+        with pytest.raises(BackendError) as info:
+            b.zero(0, 8192, may_trim=False, fast=True)
+        assert info.value.errno == errno.ENOTSUP
+        assert b.pread(0, 8192) == b"a" * 8192  # untouched: nothing was written
+        assert not b.fast_zero_possible(0, 8192, may_trim=False)  # and refused quickly from now on
+        b.zero(0, 8192, may_trim=False)  # without FAST_ZERO: zeroes are written
+        assert b.pread(0, 8192) == bytes(8192)
+    b.pwrite(0, b"b" * 8192)
+    b.zero(0, 8192, may_trim=True, fast=True)  # punching holes works on both
+    assert b.pread(0, 8192) == bytes(8192)
+    b.close()

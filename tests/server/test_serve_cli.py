@@ -124,3 +124,55 @@ def test_socket_activation_refuses_foreign_pid():
     env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID="1")
     r = subprocess.run([*SERVE, "--socket-activation"], capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0 and "LISTEN_PID" in r.stderr
+
+
+@pytest.mark.parametrize("stdin", ["pipe", "dgram", "stream"])
+def test_stdin_transport_leaks_no_descriptor(monkeypatch, stdin):
+    """--stdin probes fd 0 with a dup: whatever fd 0 is, only the transport's own fds stay open."""
+    import socket
+
+    from nbdref.server import Export, Server
+
+    if stdin == "pipe":
+        r, w = os.pipe()
+        ends = [r, w]
+    else:
+        kind = socket.SOCK_DGRAM if stdin == "dgram" else socket.SOCK_STREAM
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+        r = w = a.detach()
+        ends = [r, b.detach()]
+    real_dup = os.dup
+    dups: list[int] = []
+
+    def fake_dup(fd: int) -> int:  # fd 0 / 1 of this test process are pytest's: stand in for them
+        new = real_dup({0: r, 1: w}.get(fd, fd))
+        dups.append(new)
+        return new
+
+    seen: dict[str, object] = {}
+
+    def fake_serve_transport(self, transport, peer, *, wait=False):
+        still_open = []
+        for fd in dups:
+            try:
+                os.fstat(fd)
+                still_open.append(fd)
+            except OSError:
+                pass
+        seen["open"], seen["kind"] = set(still_open), type(transport).__name__  # a closed fd may be reused
+        transport.close()
+        from nbdref.server._config import ConnectionRecord
+
+        return ConnectionRecord(id=1, peer=peer)
+
+    monkeypatch.setattr(os, "dup", fake_dup)
+    monkeypatch.setattr(Server, "serve_transport", fake_serve_transport)
+    try:
+        assert cli._serve_stdin(Export.memory("exp", 1 << 20), {}) == 0
+    finally:
+        monkeypatch.undo()
+        for fd in ends:
+            os.close(fd)
+    expected = 1 if stdin == "stream" else 2
+    assert seen["kind"] == ("SocketTransport" if stdin == "stream" else "PipeTransport")
+    assert len(seen["open"]) == expected, f"{len(seen['open']) - expected} leaked descriptor(s)"  # type: ignore[arg-type]

@@ -41,8 +41,10 @@ class Backend(ABC):
         """Discard: afterwards the range reads as zeroes or as its old content (the spec allows both)."""
 
     @abstractmethod
-    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False) -> None:
-        """Make the range read as zeroes; ``may_trim`` False is NBD_CMD_FLAG_NO_HOLE (keep it allocated)."""
+    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False) -> None:
+        """Make the range read as zeroes; ``may_trim`` False is NBD_CMD_FLAG_NO_HOLE (keep it allocated).
+        ``fast`` is NBD_CMD_FLAG_FAST_ZERO: raise ``BackendError(ENOTSUP)`` rather than fall back to
+        anything as slow as writing zeroes ("MUST fail quickly with NBD_ENOTSUP")."""
 
     def fast_zero_possible(self, offset: int, length: int, *, may_trim: bool) -> bool:
         """NBD_CMD_FLAG_FAST_ZERO: can ``zero`` be done without falling back to writing zeroes?"""

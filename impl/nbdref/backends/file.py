@@ -2,7 +2,9 @@
 
 Trim and write-zeroes without NO_HOLE punch holes with fallocate(FALLOC_FL_PUNCH_HOLE), so
 base:allocation reports real holes, which is what clients like ``qemu-img map`` and ``nbdinfo --map``
-are tested against.  Where the filesystem cannot punch, zeroes are written (still correct, less sparse).
+are tested against.  Where the filesystem cannot punch (or, with NO_HOLE, zero a range: tmpfs has no
+FALLOC_FL_ZERO_RANGE), zeroes are written (still correct, less sparse), except for NBD_CMD_FLAG_FAST_ZERO,
+which fails with ENOTSUP instead; a mode the filesystem refused once is refused quickly after that.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class FileBackend(Backend):
         self.size = os.fstat(self._fd).st_size
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._unsupported: set[int] = set()  # fallocate modes this file's filesystem refused
 
     def _io(self, what: str, fn, *args):
         try:
@@ -97,19 +100,27 @@ class FileBackend(Backend):
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self.zero(offset, length, may_trim=True, fua=fua)
 
-    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False) -> None:
+    @staticmethod
+    def _zero_mode(may_trim: bool) -> int:
+        return (FALLOC_FL_PUNCH_HOLE if may_trim else FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False) -> None:
+        mode = self._zero_mode(may_trim)
         with self._lock:
-            if may_trim:
-                done = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            else:
-                done = fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-            if not done:
+            done = mode not in self._unsupported and fallocate(self._fd, mode, offset, length)
+            if not done and length > 0:
+                self._unsupported.add(mode)
+                if fast:
+                    # "MUST fail quickly with an error of NBD_ENOTSUP unless the request can be serviced in
+                    # less time than a corresponding NBD_CMD_WRITE": writing zeroes is not that.
+                    raise BackendError(errno.ENOTSUP, "fast zero: the file system cannot zero this range")
                 self._write_zeroes(offset, length)
         if fua:
             self.flush()
 
     def fast_zero_possible(self, offset: int, length: int, *, may_trim: bool) -> bool:
-        return _fallocate is not None
+        # Optimistic until the file system refuses the mode once; zero(fast=True) then fails quickly.
+        return _fallocate is not None and self._zero_mode(may_trim) not in self._unsupported
 
     def flush(self) -> None:
         self._io("fdatasync", os.fdatasync, self._fd)

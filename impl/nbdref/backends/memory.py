@@ -64,7 +64,7 @@ class MemoryBackend(Backend):
         # Zeroing on trim is allowed ("the server MAY ... read as zeroes") and keeps reads predictable.
         self.zero(offset, length, may_trim=True)
 
-    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False) -> None:
+    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False) -> None:
         with self._lock:
             self._zero_bytes(offset, length, release=may_trim)
             self._alloc.set_full(offset, length, _HOLE if may_trim else _ZERO)

@@ -174,13 +174,19 @@ def _serve_stdin(export: Export, common: dict) -> int:
         print(f"nbdref serve: {e}", file=sys.stderr)
         return 1
     try:
+        transport: SocketTransport | PipeTransport
+        fd = os.dup(0)
         try:
-            s = socket.socket(fileno=os.dup(0))
-            if s.type != socket.SOCK_STREAM:
-                raise OSError("not a stream socket")
-            transport: SocketTransport | PipeTransport = SocketTransport(s)
-        except OSError:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket (a pipe, a file): socket() did not take the fd
+            os.close(fd)
             transport = PipeTransport(os.dup(0), os.dup(1))
+        else:
+            if s.type == socket.SOCK_STREAM:
+                transport = SocketTransport(s)
+            else:  # a datagram socket cannot carry NBD: treat fds 0/1 as plain descriptors
+                s.close()
+                transport = PipeTransport(os.dup(0), os.dup(1))
         record = sock_server.serve_transport(transport, "stdin", wait=True)
         return 0 if not record.error else 1
     finally:

@@ -204,7 +204,7 @@ class Executor:
             if flags & _FAST_ZERO and not b.fast_zero_possible(req.offset, req.length, may_trim=may_trim):
                 # "MUST fail quickly with an error of NBD_ENOTSUP".
                 raise RequestError(Err.ENOTSUP, "zeroing would not be faster than writing")
-            b.zero(req.offset, req.length, may_trim=may_trim, fua=fua)
+            b.zero(req.offset, req.length, may_trim=may_trim, fua=fua, fast=bool(flags & _FAST_ZERO))
             x.mark_dirty(req.offset, req.length)
         elif cmd == Cmd.FLUSH:
             b.flush()

@@ -88,6 +88,10 @@ class Session:
         self._seen_violations = 0
         self._handshake_bytes = 0
         self._fault_used = False
+        self._fault_lock = threading.Lock()  # fault injection is test-and-set across the workers
+        # Set when the client is gone (EOF, error, our own hang-up): a stall fault ends then, not only
+        # when the server stops, so the connection's record completes.
+        self._client_gone = threading.Event()
         self._in_handshake = True
         self._dead = threading.Event()
         self.tls_handshake_timeout = tls_handshake_timeout
@@ -124,6 +128,7 @@ class Session:
             r.error = e
         finally:
             self._dead.set()
+            self._client_gone.set()
             self._collect_violations()
             r.tls = self.t.tls
             r.violations = list(getattr(self.conn, "violations", []))
@@ -143,8 +148,8 @@ class Session:
             log.warning("connection %d: client violation %s", self.record.id, v)
         self._seen_violations = len(vs)
 
-    def _recv(self, timeout: float | None) -> None:
-        """Feed the core one read from the transport (b"" at EOF)."""
+    def _recv(self, timeout: float | None) -> int:
+        """Feed the core one read from the transport (b"" at EOF); the number of bytes read."""
         self.t.set_timeout(timeout)
         get_buffer = getattr(self.conn, "get_buffer", None)
         if get_buffer is not None:
@@ -156,11 +161,12 @@ class Session:
                     self.conn.buffer_updated(n)
                 else:
                     self.conn.receive_data(b"")
-            return
+            return n
         data = bytearray(_RECV_SIZE)
         n = self.t.recv_into(memoryview(data))
         with self._core_lock:
             self.conn.receive_data(bytes(data[:n]))
+        return n
 
     def _next_event(self, deadline: float | None) -> ev.Event:
         while True:
@@ -217,11 +223,42 @@ class Session:
                 out = self.conn.send_raw(data)
             self._write([out if out is not None else data])
 
+    def _fault_applied(self) -> None:
+        """A fault is about to break the protocol: from now on the client's hang-up is legitimate
+        (DISC-003/017), so the core must not charge it with DISC-006/007/024."""
+        with self._core_lock:
+            self.conn.local_breach = True
+
+    def _stall(self, seconds: float, *, read: bool) -> str:
+        """Say nothing for ``seconds``; ends early when the server stops or the client leaves.  ``read``:
+        this is the reader thread (handshake), so watch the socket for EOF here (what the client sends
+        meanwhile still goes to the core, for the transcript)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.stopping.is_set():
+                return "the server stopped"
+            if self._client_gone.is_set():
+                return "the client closed the connection"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"{seconds:g} s passed"
+            if not read:
+                self._client_gone.wait(min(left, 0.1))
+                continue
+            try:
+                if self._recv(min(left, 0.1)) == 0:
+                    self._client_gone.set()
+            except TimeoutError:
+                continue
+            except OSError:  # reset, or stop() shut the socket down
+                self._client_gone.set()
+
     def _write(self, iov: list) -> None:
         cut = self.fault.cut_handshake_at if self.fault and self._in_handshake else None
         if cut is not None:
             size = sum(len(b) for b in iov)
             if self._handshake_bytes + size >= cut:
+                self._fault_applied()
                 joined = b"".join(bytes(b) for b in iov)[: cut - self._handshake_bytes]
                 self.t.send([joined])
                 raise Disconnect(f"fault {self.fault.spec}: cut after {cut} handshake bytes")  # type: ignore[union-attr]
@@ -250,6 +287,7 @@ class Session:
         flags &= self.mask_handshake  # like nbdkit --mask-handshake: test clients' fallbacks
         greeting = ev.NewstyleGreeting(flags=flags)
         if self.fault and self.fault.greeting_magic is not None:
+            self._fault_applied()
             with self._core_lock:
                 self.conn.send(greeting)  # keep the core's state right; put other bytes on the wire
             magic = self.fault.greeting_magic.to_bytes(8, "big")
@@ -257,8 +295,9 @@ class Session:
         else:
             self._send([greeting])
         if self.fault and self.fault.stall_handshake:
-            self.stopping.wait(self.fault.stall_seconds)
-            raise Disconnect(f"fault {self.fault.spec}: stalled the handshake")
+            self._fault_applied()
+            why = self._stall(self.fault.stall_seconds, read=True)
+            raise Disconnect(f"fault {self.fault.spec}: stalled the handshake until {why}")
         while True:
             e = self._next_message(deadline, "client closed the connection during the handshake")
             if isinstance(e, ev.ClientFlags):
@@ -284,6 +323,8 @@ class Session:
             outcome = self.nego.handle(e)
             if outcome.replies:
                 mangle = self.fault is not None and self.fault.option_reply_magic is not None
+                if mangle:
+                    self._fault_applied()
                 self._send(outcome.replies, self._mangle_option_replies if mangle else None)
             if outcome.close:
                 raise Disconnect(outcome.close)
@@ -336,6 +377,7 @@ class Session:
                 else:
                     pool.submit(self._serve, executor, e)
         finally:
+            self._client_gone.set()  # before the join: a stalled worker must not keep the pool alive
             pool.shutdown(wait=True, cancel_futures=False)
 
     def _refusals(self, req: ev.Request) -> list[tuple[str, int | None]]:
@@ -348,8 +390,9 @@ class Session:
             return
         try:
             if self.fault and not self._fault_used and self.fault.applies(req.command, executor.structured):
-                self._fault_used = True
-                if self._inject(executor, req):
+                with self._fault_lock:
+                    mine, self._fault_used = not self._fault_used, True
+                if mine and self._inject(executor, req):
                     return
             self._send(executor.execute(req))
         except Disconnect as e:
@@ -368,9 +411,11 @@ class Session:
         f = self.fault
         assert f is not None
         if f.stall_reply:
-            self.stopping.wait(f.stall_seconds)
-            raise Disconnect(f"fault {f.spec}: stalled the reply")
+            self._fault_applied()
+            why = self._stall(f.stall_seconds, read=False)
+            raise Disconnect(f"fault {f.spec}: stalled the reply until {why}")
         if f.cut_reply_at is not None:
+            self._fault_applied()
             cut = f.cut_reply_at
             self._send(executor.execute(req), lambda data: data[:cut])
             raise Disconnect(f"fault {f.spec}: cut after {f.cut_reply_at} reply bytes")
@@ -382,5 +427,5 @@ class Session:
         raw = f.reply_bytes(ctx)
         if raw is None:
             return False
-        self._send_raw(raw)
+        self._send_raw(raw)  # the core's send_raw marks the local breach
         return True
