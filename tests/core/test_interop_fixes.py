@@ -17,7 +17,7 @@ from nbdref import _outcome as outcome
 from nbdref import _wire as w
 from nbdref import events as ev
 
-from .helpers import ConnectionPair
+from .helpers import ConnectionPair, ids, send_lenient
 
 TX = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
 BSP = TX | TxFlag.BLOCK_STATUS_PAYLOAD
@@ -25,9 +25,6 @@ CONTEXTS = ("base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0") 
 SIZE = 1 << 20
 NO_FATAL = Strictness(fatal_levels=frozenset())
 
-
-def ids(conn) -> list[str]:
-    return [v.req_id for v in conn.violations]
 
 
 def pair(*, tx_flags: int = BSP, client: Strictness | None = None, server: Strictness | None = None,
@@ -48,15 +45,6 @@ def bs_request(effect: int, wanted: tuple[int, ...], *, offset: int = 0, flags: 
         payload=payload,
     )
 
-
-def send_lenient(p: ConnectionPair, conn, event) -> list[ev.Event]:
-    """Send with the sender's local checks off (the step is not under test on that side)."""
-    saved = conn.strictness
-    conn.strictness = Strictness(check_local=False)
-    try:
-        return p.send(conn, event)
-    finally:
-        conn.strictness = saved
 
 
 # ---------------------------------------------------------------------------- BLOCK_STATUS payload form

@@ -7,7 +7,7 @@ from nbdref import Cmd, CmdFlag, Err, LocalProtocolError, RemoteProtocolError, S
 from nbdref import _wire as w
 from nbdref import events as ev
 
-from .helpers import ConnectionPair
+from .helpers import ConnectionPair, ids, send_lenient
 
 TX = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
 BSP = TX | TxFlag.BLOCK_STATUS_PAYLOAD
@@ -15,17 +15,6 @@ SIZE = 1 << 20
 NO_FATAL = Strictness(fatal_levels=frozenset())
 
 
-def ids(conn) -> list[str]:
-    return [v.req_id for v in conn.violations]
-
-
-def send_lenient(p: ConnectionPair, conn, event) -> list[ev.Event]:
-    saved = conn.strictness
-    conn.strictness = Strictness(check_local=False)
-    try:
-        return p.send(conn, event)
-    finally:
-        conn.strictness = saved
 
 
 def bs_request(effect: int, wanted: tuple[int, ...], *, offset: int = 0, cookie: int = 1) -> ev.Request:
