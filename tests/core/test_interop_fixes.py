@@ -26,7 +26,6 @@ SIZE = 1 << 20
 NO_FATAL = Strictness(fatal_levels=frozenset())
 
 
-
 def pair(*, tx_flags: int = BSP, client: Strictness | None = None, server: Strictness | None = None,
          **kw) -> ConnectionPair:
     p = ConnectionPair(client=client, server=server)
@@ -44,7 +43,6 @@ def bs_request(effect: int, wanted: tuple[int, ...], *, offset: int = 0, flags: 
         length=len(payload),
         payload=payload,
     )
-
 
 
 # ---------------------------------------------------------------------------- BLOCK_STATUS payload form

@@ -15,8 +15,6 @@ SIZE = 1 << 20
 NO_FATAL = Strictness(fatal_levels=frozenset())
 
 
-
-
 def bs_request(effect: int, wanted: tuple[int, ...], *, offset: int = 0, cookie: int = 1) -> ev.Request:
     payload = w.encode_block_status_payload(effect, wanted)
     return ev.Request(cookie=cookie, command=Cmd.BLOCK_STATUS, flags=CmdFlag.PAYLOAD_LEN, offset=offset,
