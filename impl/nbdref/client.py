@@ -31,6 +31,7 @@ from typing import Any
 from . import events as ev
 from ._constants import ClientFlag, Cmd, CmdFlag, HandshakeFlag, Info, Rep, TxFlag, cmd_name
 from ._errors import ProtocolError, RemoteProtocolError
+from ._sockio import sendmsg_all
 from ._strict import Strictness
 from ._transcript import Transcript
 from .connection import NEED_DATA, ClientConnection
@@ -877,16 +878,7 @@ class Client:
             for piece in pieces:
                 sock.sendall(piece)
             return
-        views = [memoryview(p).cast("B") for p in pieces if len(p)]
-        while views:
-            sent = sock.sendmsg(views)
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+        sendmsg_all(sock, pieces)
 
     def _receive(self) -> None:
         """One recv_into the core's buffer (in place for READ data); EOF is fed as b""."""

@@ -14,6 +14,8 @@ import ssl
 import threading
 from collections.abc import Sequence
 
+from .._sockio import sendmsg_all
+
 Chunk = bytes | bytearray | memoryview
 
 
@@ -47,19 +49,7 @@ class SocketTransport(Transport):
 
     def send(self, iov: Sequence[Chunk]) -> int:
         """socket.sendmsg with the header and data buffers as they are: no join, no copy."""
-        total = 0
-        bufs = [memoryview(b).cast("B") for b in iov if len(b)]
-        while bufs:
-            n = self.sock.sendmsg(bufs[:512])  # IOV_MAX is 1024 on Linux
-            total += n
-            while n:
-                if n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                else:
-                    bufs[0] = bufs[0][n:]
-                    n = 0
-        return total
+        return sendmsg_all(self.sock, iov)
 
     def set_timeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
