@@ -139,7 +139,6 @@ class Client:
         self._closed = False
         self._commands: dict[int, _Command] = {}
         self._read_targets: dict[int, object] = {}  # cookie -> base object of a READ buffer in flight
-        self._next_cookie = 1
 
     # ------------------------------------------------------------------ settings (before connecting)
 
@@ -657,8 +656,7 @@ class Client:
     ) -> int:
         """Send any request without waiting; returns its cookie (see `wait`, `aio_command_completed`)."""
         conn = self._need_ready(cmd_name(command))
-        cookie = self._next_cookie
-        self._next_cookie += 1
+        cookie = conn.next_cookie()  # the core knows what is in flight (CMD-001)
         view = memoryview(buffer).cast("B") if buffer is not None else None
         if payload is not None and conn.extended_headers:
             # ext-header draft: with extended headers a WRITE "MUST" set NBD_CMD_FLAG_PAYLOAD_LEN (EXT-002)
@@ -832,8 +830,7 @@ class Client:
         try:
             if self._ready:
                 self.wait_all()
-                self._sendall(self._conn.send(ev.Request(cookie=self._next_cookie, command=Cmd.DISC)))
-                self._next_cookie += 1
+                self._sendall(self._conn.send(ev.Request(cookie=self._conn.next_cookie(), command=Cmd.DISC)))
             elif self._protocol == "newstyle-fixed":
                 self._send(ev.OptAbort())
         finally:
