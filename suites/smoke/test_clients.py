@@ -28,10 +28,7 @@ def _size_argv(runner, tool: str, server) -> list[str]:
 def _read_argv(runner, tool: str, server, offset: int) -> list[str]:
     if tool == "qemu-io":
         return runner.tool_argv("qemu-io", server, "-c", f"read -v {offset} {READ_LENGTH}")
-    # h.shutdown(): a soft disconnect (NBD_CMD_DISC); closing the handle alone drops the connection,
-    # which proto.md forbids without a reason (DISC-024) — that would be this script's fault, not nbdsh's.
-    return runner.tool_argv("nbdsh", server, "-c",
-                            f"print(h.pread({READ_LENGTH}, {offset}).hex()); h.shutdown()")
+    return runner.tool_argv("nbdsh", server, "-c", f"print(h.pread({READ_LENGTH}, {offset}).hex())")
 
 
 def _parse_size(tool: str, stdout: str) -> int:

@@ -26,6 +26,7 @@ from nbdref.server import Export, Server
 from fixtures.exports import ExportRequest, expected_bytes, materialize
 from fixtures.launch import ClientRunner, client_runner, export_workdir
 from fixtures.launchers.base import RunningServer
+from fixtures.peers.libnbd_clients import NBDSH_CLOSE
 from fixtures.peerspec import PeerSpec
 from fixtures.timeline import parse_version
 from tests.interop.helpers import DOCKER_CLIENTS, Observer, observer_for, require_docker, uses_tool
@@ -262,7 +263,6 @@ h.block_status(65536, {w}, lambda ctx, off, entries, err: seen.append((ctx, list
 out["block_status"] = seen
 out["read"] = h.pread(16, {w}).hex()
 print(json.dumps(out))
-h.shutdown()
 """
 
 
@@ -276,7 +276,7 @@ def test_nbdsh_commands(runner: ClientRunner, reference: Reference, session: Ses
     w, z, t = (region_of(docker_client_spec, i) for i in range(3))
     script = NBDSH_SCRIPT.format(w=w, z=z, t=t)
     connect = f"h.add_meta_context('base:allocation'); h.connect_uri({reference.running.uri!r})"
-    argv = ["nbdsh", "-c", connect, "-c", script]
+    argv = ["nbdsh", "-c", connect, "-c", script, "-c", NBDSH_CLOSE]
     out = json.loads(ok(runner.run(argv, TOOL_TIMEOUT), session).stdout.strip().splitlines()[-1])
     assert out["read"] == (b"\x77" * 16).hex()
     assert [ctx for ctx, _ in out["block_status"]] == ["base:allocation"]

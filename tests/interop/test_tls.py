@@ -501,7 +501,6 @@ NBDSH_READ = """
 import contextlib
 import json
 print(json.dumps({{"tls": h.get_tls_negotiated(), "size": h.get_size(), "data": h.pread(1024, {offset}).hex()}}))
-h.shutdown()
 """
 
 
