@@ -24,6 +24,7 @@ import errno as _errno
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from ._sockio import sendmsg_all
 from ._strict import Strictness
 from ._transcript import Transcript
 from .connection import NEED_DATA, ClientConnection
-from .tls import client_context
+from .tls import NbdSSLContext, PskAuthError, client_context, require_psk
 from .uri import Uri, parse_uri
 
 __all__ = [
@@ -81,6 +82,47 @@ class ClientError(Exception):
         super().__init__(message)
         self.errno = errno
         self.reply = reply
+
+
+# connect() errors of a listener that is only busy.  A Unix listener whose backlog is full answers a
+# non-blocking connect -- which every socket with a timeout is -- with EAGAIN at once instead of
+# queueing it; a TCP connect may see EAGAIN (no local port free for a moment).  A full TCP backlog
+# drops the SYN and connect() waits by itself; ECONNREFUSED means nobody listens (a dead peer), which
+# must fail at once, not after the whole timeout.
+_BUSY_UNIX = frozenset({_errno.EAGAIN})
+_BUSY_TCP = frozenset({_errno.EAGAIN})
+_RETRY_FIRST_DELAY, _RETRY_MAX_DELAY = 0.005, 0.1
+
+
+def _connect_retrying(
+    attempt: Callable[[float | None], socket.socket], what: str, timeout: float | None, busy: frozenset[int]
+) -> socket.socket:
+    """`attempt(time left)` until it connects: errors in `busy` are retried with a short exponential
+    backoff until `timeout` runs out (then TimeoutError), because a busy listener is a transient state
+    the caller's timeout is meant to cover.  Without a timeout (blocking) nothing is retried."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = _RETRY_FIRST_DELAY
+    attempts = 0
+    left = timeout
+    while True:
+        attempts += 1
+        try:
+            return attempt(left)
+        except OSError as exc:
+            if deadline is None or exc.errno not in busy:
+                raise
+            last = exc
+        left = deadline - time.monotonic()
+        if left > 0:
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, _RETRY_MAX_DELAY)
+            left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                _errno.ETIMEDOUT,
+                f"{what}: still {_errno.errorcode.get(last.errno or 0, last.errno)} ({last.strerror}) after "
+                f"{attempts} attempts in {timeout} s: the listener is not accepting connections",
+            ) from last
 
 
 @dataclass(slots=True)
@@ -269,19 +311,28 @@ class Client:
             self.connect_tcp(*address)
 
     def connect_unix(self, path: str | os.PathLike[str]) -> None:
+        """Connect to a Unix socket; while its backlog is full (EAGAIN), retry within the timeout."""
         self._before_connect("connect_unix")  # before the socket opens: it would leak
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._timeout)
-        try:
-            sock.connect(os.fspath(path))
-        except OSError:
-            sock.close()
-            raise
-        self.connect_socket(sock)
+        address = os.fspath(path)
+
+        def attempt(timeout: float | None) -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        self.connect_socket(_connect_retrying(attempt, f"connect_unix({address!r})", self._timeout, _BUSY_UNIX))
 
     def connect_tcp(self, host: str, port: int | str) -> None:
+        """Connect over TCP; a refusal or EAGAIN is retried within the timeout (a listener that is
+        restarting, or overflowing with tcp_abort_on_overflow, refuses for a moment)."""
         self._before_connect("connect_tcp")  # before the socket opens: it would leak
-        sock = socket.create_connection((host, int(port)), timeout=self._timeout)
+        sock = _connect_retrying(lambda timeout: socket.create_connection((host, int(port)), timeout=timeout),
+                                 f"connect_tcp({host!r}, {port!r})", self._timeout, _BUSY_TCP)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls_hostname is None:
             self._tls_hostname = host
@@ -381,7 +432,9 @@ class Client:
         self._start_tls()
         return True
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> NbdSSLContext:
+        """PSK when a keys file is set (the PSK is then the only credential), else X.509: the chain is
+        verified on every transport (Unix sockets too), the name only when a hostname is known."""
         if self._tls_psk_file is not None:
             return client_context(psk_file=self._tls_psk_file, psk_identity=self._tls_username)
         return client_context(self._tls_certificates, hostname=self._tls_hostname, verify_peer=self._tls_verify_peer)
@@ -389,16 +442,35 @@ class Client:
     def _start_tls(self) -> None:
         assert self._sock is not None and self._conn is not None
         context = self._tls_context()
-        hostname = getattr(context, "server_hostname", None)
-        tls_sock = context.wrap_socket(self._sock, server_hostname=hostname, do_handshake_on_connect=False)
+        tls_sock = context.wrap_socket(self._sock, server_hostname=context.server_hostname,
+                                       do_handshake_on_connect=False)
         self._sock = tls_sock
         tls_sock.settimeout(self._timeout)
-        tls_sock.do_handshake()
+        if context.psk_required:
+            self._psk_handshake(tls_sock, context.psk_identity)
+        else:
+            tls_sock.do_handshake()
         self._conn.tls_established()
         self._tls_done = True
         # "the server MUST forget all earlier negotiation state" (TLS-054): so do we.
         self._structured = self._extended = False
         self._meta_set_for = None
+
+    @staticmethod
+    def _psk_handshake(tls_sock: ssl.SSLSocket, identity: str | None) -> None:
+        """The handshake of a PSK context, then proof that the session used the PSK; failures become
+        one PskAuthError that says what went wrong (the bare OpenSSL reasons do not say "PSK")."""
+        try:
+            tls_sock.do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            raise PskAuthError(f"TLS-PSK identity {identity!r}: the server authenticated with a certificate, "
+                               "not the PSK (it has no PSK, or no key for this identity)") from exc
+        except ssl.SSLError as exc:
+            raise PskAuthError(f"TLS-PSK identity {identity!r}: handshake failed ({exc.reason or exc}); most "
+                               "likely the server has another key for this identity, or none") from exc
+        # uri.md: "By default clients SHOULD verify the server's identity if TLS is negotiated" (URI-019);
+        # in PSK mode only the PSK proves it, so a session that did not use the PSK fails here.
+        require_psk(tls_sock)
 
     def opt_structured_reply(self) -> bool:
         self._need_options("opt_structured_reply")

@@ -10,6 +10,11 @@ with ctypes on the ``SSL_CTX*`` behind the ``ssl.SSLContext`` (research/docker-s
 TLS-PSK").  CPython < 3.13 also sets a session-id context on every SSL_CTX, which makes OpenSSL reject
 the TLS 1.3 external-PSK session (ATTEMPT_TO_REUSE_SESSION_IN_DIFFERENT_CONTEXT); we clear it.  The
 ctypes callbacks are kept alive as attributes of the returned context, which is an `NbdSSLContext`.
+
+A PSK context authenticates with the PSK and nothing else: TLS 1.2 offers only PSK-authenticated
+suites, TLS 1.3 only the SHA-256 suites the callbacks' PSK can be used with (OpenSSL treats a PSK from
+these callbacks as SHA-256), the client trusts no CA at all (so a certificate-only handshake fails
+verification), a server loads no certificate, and `require_psk` checks the finished session on both ends.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ __all__ = [
     "SERVER_CERT",
     "SERVER_KEY",
     "NbdSSLContext",
+    "PskAuthError",
     "client_context",
+    "psk_used",
     "read_psk_file",
+    "require_psk",
     "server_context",
 ]
 
@@ -39,9 +47,12 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
-# TLS 1.2 PSK suites are not in OpenSSL's DEFAULT list; TLS 1.3 suites are configured separately and
-# are unaffected by this string.
-_PSK_CIPHERS = "ECDHEPSK:DHEPSK:PSK:DEFAULT"
+# TLS 1.2: PSK-authenticated suites only (no certificate suites, no RSA-PSK, which needs a server
+# certificate, no NULL encryption).  TLS 1.3 suites are configured separately (_PSK_TLS13_SUITES).
+_PSK_CIPHERS = "ECDHEPSK:DHEPSK:aPSK:!eNULL:!aNULL"
+# TLS 1.3: OpenSSL uses a PSK from the (legacy) PSK callbacks with SHA-256 suites only; offering just
+# those makes the peer pick a suite the PSK works with instead of a SHA-384 certificate handshake.
+_PSK_TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256"
 
 _NATIVE_PSK = sys.version_info >= (3, 13)
 
@@ -52,12 +63,28 @@ class NbdSSLContext(ssl.SSLContext):
     """An SSLContext that remembers what the NBD driver needs besides the context itself.
 
     `server_hostname` is what a client passes to `wrap_socket` (None: no hostname check);
-    `psk_identity` is the PSK identity offered (client) or None.  `_keepalive` holds ctypes callbacks.
+    `psk_identity` is the PSK identity offered (client) or None; `psk_required` says the driver must
+    call `require_psk` after the handshake.  `_keepalive` holds ctypes callbacks.
     """
 
     server_hostname: str | None
     psk_identity: str | None
+    psk_required: bool
     _keepalive: list[object]
+
+
+class PskAuthError(ssl.SSLError):
+    """TLS-PSK authentication failed: the handshake did not prove that the peer knows our PSK (it has
+    another key, no key for the identity, or answered with a certificate instead).
+
+    An ssl.SSLError so drivers treat it as any failed handshake; `reason` and `strerror` are set as
+    OpenSSL's errors have them (str() and log lines use them)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.strerror = message
+        self.reason = message
+        self.library = "nbdref"
 
 
 def read_psk_file(path: PathLike) -> dict[str, bytes]:
@@ -83,6 +110,7 @@ def _new_context(protocol: int) -> NbdSSLContext:
     ctx = NbdSSLContext(protocol)
     ctx.server_hostname = None
     ctx.psk_identity = None
+    ctx.psk_required = False
     ctx._keepalive = []
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # proto.md: TLS 1.2 or later "SHOULD" be used
     return ctx
@@ -108,9 +136,11 @@ def client_context(
         identity = psk_identity if psk_identity is not None else _login_name()
         if identity not in keys:
             raise ValueError(f"{psk_file}: no key for PSK identity {identity!r} (has {', '.join(keys)})")
+        # The PSK is the only credential: verify "certificates" against an empty trust store, so a
+        # server that answers with a certificate instead of the PSK fails the handshake.
         ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_ciphers(_PSK_CIPHERS)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        _set_psk_only(ctx)
         ctx.psk_identity = identity
         _set_psk_client(ctx, identity, keys[identity])
         return ctx
@@ -140,19 +170,55 @@ def server_context(
     verify_peer: bool = False,
 ) -> NbdSSLContext:
     """A server context: X.509 from `certificates_dir` (server-cert.pem, server-key.pem; with
-    `verify_peer`, client certificates must chain to ca-cert.pem) and/or TLS-PSK from `psk_file`."""
+    `verify_peer`, client certificates must chain to ca-cert.pem) or TLS-PSK from `psk_file`.
+
+    With `psk_file` the server authenticates clients by PSK only, even if `certificates_dir` is given
+    too: it loads no certificate, so a client without the PSK cannot fall back to a certificate
+    handshake (the driver still calls `require_psk`).  `certificates_dir` and `verify_peer` are then
+    unused."""
     if certificates_dir is None and psk_file is None:
         raise ValueError("server_context needs certificates_dir or psk_file")
     ctx = _new_context(ssl.PROTOCOL_TLS_SERVER)
-    if certificates_dir is not None:
-        ctx.load_cert_chain(os.path.join(certificates_dir, SERVER_CERT), os.path.join(certificates_dir, SERVER_KEY))
-        if verify_peer:
-            ctx.load_verify_locations(cafile=os.path.join(certificates_dir, CA_CERT))
-            ctx.verify_mode = ssl.CERT_REQUIRED
     if psk_file is not None:
-        ctx.set_ciphers(_PSK_CIPHERS)
+        _set_psk_only(ctx)
         _set_psk_server(ctx, read_psk_file(psk_file))
+        return ctx
+    assert certificates_dir is not None
+    ctx.load_cert_chain(os.path.join(certificates_dir, SERVER_CERT), os.path.join(certificates_dir, SERVER_KEY))
+    if verify_peer:
+        ctx.load_verify_locations(cafile=os.path.join(certificates_dir, CA_CERT))
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def psk_used(tls: ssl.SSLSocket | ssl.SSLObject) -> bool:
+    """Whether a finished handshake authenticated with the PSK and not with a certificate.
+
+    TLS 1.3: the server accepts the client's external PSK in its pre_shared_key extension, which OpenSSL
+    reports as a reused session; no certificate is exchanged then.  TLS 1.2: the negotiated suite is a
+    PSK-authenticated one (RSA-PSK, which authenticates the server by certificate, is not)."""
+    if tls.getpeercert(binary_form=True) is not None:
+        return False
+    version = tls.version()
+    if version == "TLSv1.3":
+        return bool(tls.session_reused)
+    cipher = tls.cipher()
+    if version != "TLSv1.2" or cipher is None:
+        return False
+    name = cipher[0]
+    return "PSK" in name and not name.startswith("RSA-PSK")
+
+
+def require_psk(tls: ssl.SSLSocket | ssl.SSLObject) -> None:
+    """Raise PskAuthError unless the finished handshake of a PSK context used the PSK: a peer that
+    completed a certificate handshake instead has not proven that it knows the key."""
+    if psk_used(tls):
+        return
+    cipher = tls.cipher()
+    raise PskAuthError(
+        f"TLS-PSK required but the {tls.version()} session ({cipher[0] if cipher else '?'}) was not "
+        "authenticated with the PSK (the peer lacks it or used a certificate)"
+    )
 
 
 def _login_name() -> str:
@@ -165,6 +231,21 @@ def _login_name() -> str:
 
 
 # --- PSK -------------------------------------------------------------------------------------------
+
+
+def _set_psk_only(ctx: NbdSSLContext) -> None:
+    """Offer PSK suites only, on TLS 1.2 (cipher string) and TLS 1.3 (ciphersuites, via ctypes: the
+    ssl module has no setter for them on any version)."""
+    ctx.set_ciphers(_PSK_CIPHERS)
+    ctx.psk_required = True
+    try:
+        ok = _libssl().SSL_CTX_set_ciphersuites(_ssl_ctx_ptr(ctx), _PSK_TLS13_SUITES.encode()) == 1
+    except (OSError, AttributeError, RuntimeError):
+        ok = False
+    # On 3.13+ (native PSK, no ctypes needed otherwise) a libssl we cannot reach is tolerated: the
+    # client's empty trust store and require_psk on both ends still refuse a certificate handshake.
+    if not ok and not _NATIVE_PSK:
+        raise RuntimeError("could not restrict the TLS 1.3 ciphersuites to PSK-capable ones")
 
 
 def _set_psk_client(ctx: NbdSSLContext, identity: str, key: bytes) -> None:
@@ -257,5 +338,7 @@ def _libssl() -> ctypes.CDLL:
     lib.SSL_CTX_set_psk_server_callback.restype = None
     lib.SSL_CTX_set_session_id_context.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
     lib.SSL_CTX_set_session_id_context.restype = ctypes.c_int
+    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
     _LIBSSL = lib
     return lib

@@ -75,6 +75,24 @@ def test_psk_wrong_key_fails(tls_material: TlsMaterial, tmp_path: Path, version:
         handshake(client_context(psk_file=other, psk_identity="alice"), server_context(psk_file=tls_material.psk_file), version)
 
 
+@pytest.mark.parametrize("version", VERSIONS, ids=["1.2", "1.3"])
+def test_psk_client_refuses_certificate_only_server(tls_material: TlsMaterial, version: ssl.TLSVersion) -> None:
+    # A server without the PSK: TLS 1.2 has no common suite; TLS 1.3 falls back to the certificate,
+    # which a PSK client must not accept (it trusts no CA: the PSK is its only credential).
+    client = client_context(psk_file=tls_material.psk_file, psk_identity="alice")
+    with pytest.raises((ssl.SSLError, OSError)):
+        handshake(client, server_context(tls_material.x509_dir), version)
+
+
+def test_psk_server_ignores_certificates(tls_material: TlsMaterial) -> None:
+    # A server configured for PSK authenticates by PSK only, certificates or not.
+    server = server_context(tls_material.x509_dir, psk_file=tls_material.psk_file)
+    with pytest.raises((ssl.SSLError, OSError)):
+        handshake(client_context(tls_material.x509_dir, hostname="localhost"), server, VERSIONS[1])
+    client = client_context(psk_file=tls_material.psk_file, psk_identity="alice")
+    assert handshake(client, server, VERSIONS[1]) == ("TLSv1.3", "TLSv1.3")
+
+
 def test_psk_unknown_identity_fails(tls_material: TlsMaterial, tmp_path: Path) -> None:
     other = tmp_path / "keys.psk"
     other.write_text(f"mallory:{tls_material.psk_key.hex()}\n")

@@ -1,4 +1,5 @@
-"""TLS settings and the per-connection record the server keeps for tests and logs."""
+"""TLS settings, the per-connection record the server keeps for tests and logs, and the budgets
+(connection slots, threads, buffered bytes) its connections share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +19,9 @@ class TLSConfig:
     """proto.md's three server modes: off = NOTLS, on = SELECTIVETLS, require = FORCEDTLS.
 
     X.509 material is a directory in qemu/nbdkit/libnbd layout (server-cert.pem, server-key.pem, and
-    ca-cert.pem for ``verify_peer``); PSK is a psktool keys file.  Both may be given.
+    ca-cert.pem for ``verify_peer``); PSK is a psktool keys file.  With a PSK file the server offers PSK
+    only (its certificates are not loaded): a client without the key cannot fall back to a certificate
+    handshake (TLS 1.3 would otherwise authenticate by certificate and skip the PSK).
     """
 
     mode: TLSMode = "off"
@@ -66,3 +70,106 @@ class ConnectionRecord:
     @property
     def violation_ids(self) -> list[str]:
         return [v.req_id for v in self.violations]
+
+
+class Budget:
+    """A count of interchangeable units the connections of one server share: connection slots,
+    threads or buffered bytes.  ``take`` never goes over ``limit``; ``give`` wakes those waiting."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a budget needs a positive limit, not {limit}")
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition(threading.RLock())  # also guards the Accounts drawing on it
+
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def take(self, want: int, *, minimum: int | None = None, timeout: float = 0.0,
+             cap: Callable[[], int] | None = None, stop: threading.Event | None = None) -> int:
+        """Take up to ``want`` units, at least ``minimum`` (default: all of them), waiting up to
+        ``timeout`` seconds for them (0: not at all); ``cap()`` (called under the lock) bounds the amount
+        further.  Returns what was taken, 0 when not enough became free in time or ``stop`` was set."""
+        need = want if minimum is None else minimum
+
+        def room() -> int:
+            f = self.limit - self.used
+            return min(f, cap()) if cap is not None else f
+
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while room() < need:
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    return 0
+                self.cond.wait(min(left, 0.25))  # short slices: stop() need not know who waits
+            n = max(0, min(want, room()))
+            self.used += n
+            return n
+
+    def give(self, n: int) -> None:
+        if n:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+class Account:
+    """One connection's share of the server's byte budget: the bytes it read and still holds.
+
+    ``held`` = bytes in the core (``ServerConnection.buffered_bytes``) + payloads handed to workers
+    (``queued``) + the read in progress (reserved before ``recv_into``, settled after).  Bytes are
+    charged before they are read, so the total never exceeds the budget; a connection reads nothing
+    while its own share (``limit``) or the total is used up, and waits for the budget instead.
+    """
+
+    def __init__(self, budget: Budget, limit: int) -> None:
+        self.budget = budget
+        self.limit = limit
+        self.held = 0
+        self.queued = 0
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload this connection could ever buffer: a longer declared WRITE is refused."""
+        return min(self.limit, self.budget.limit)
+
+    def reserve(self, want: int, minimum: int, timeout: float, stop: threading.Event | None = None) -> int:
+        """Charge up to ``want`` bytes (at least ``minimum``) for the next read; 0 when they did not
+        become free within ``timeout``."""
+        with self.budget.cond:  # an RLock: wait() inside take() releases it
+            n = self.budget.take(want, minimum=minimum, timeout=timeout, cap=lambda: self.limit - self.held,
+                                 stop=stop)
+            self.held += n
+        return n
+
+    def settle(self, in_core: int) -> None:
+        """The core now holds ``in_core`` bytes of ours: give back what the last reservation did not use
+        (and what the core consumed)."""
+        with self.budget.cond:
+            new = in_core + self.queued
+            delta = new - self.held
+            self.held = new
+            self.budget.used += delta
+            if delta < 0:
+                self.budget.cond.notify_all()
+
+    def queue(self, n: int) -> None:
+        """A payload of ``n`` bytes left the core for a worker: still held, until ``done``."""
+        with self.budget.cond:
+            self.queued += n
+
+    def done(self, n: int) -> None:
+        """The request whose payload was ``n`` bytes is answered: its bytes are free."""
+        with self.budget.cond:
+            self.queued -= n
+            self.held -= n
+            self.budget.used -= n
+            self.budget.cond.notify_all()
+
+    def close(self) -> None:
+        with self.budget.cond:
+            self.budget.used -= self.held
+            self.held = self.queued = 0
+            self.budget.cond.notify_all()

@@ -7,6 +7,7 @@ runs through ``ssl.SSLObject`` + ``MemoryBIO`` under a lock, with the raw socket
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from .._sockio import sendmsg_all
+from ..tls import PskAuthError, require_psk
 
 Chunk = bytes | bytearray | memoryview
 
@@ -104,11 +106,23 @@ class TLSTransport(Transport):
                 with self._lock:
                     self._obj.do_handshake()
                 self._flush()
-                return
+                break
             except ssl.SSLWantReadError:
                 self._flush()
                 if not self._fill():
                     raise ConnectionError("EOF during TLS handshake") from None
+            except ssl.SSLError as exc:
+                # Send the alert OpenSSL queued (handshake_failure, decrypt_error...): the client then
+                # learns why, instead of seeing a bare EOF.
+                with contextlib.suppress(OSError):
+                    self._flush()
+                if getattr(self._obj.context, "psk_required", False):
+                    raise PskAuthError(f"TLS-PSK: the client did not prove a PSK we know ({exc.reason or exc})") from exc
+                raise
+        if getattr(self._obj.context, "psk_required", False):
+            # "If the TLS handshake fails (e.g. client certificate rejected) the server must terminate the
+            # session" (TLS-016): a session the PSK did not authenticate is a failed PSK handshake.
+            require_psk(self._obj)
 
     @property
     def version(self) -> str | None:
