@@ -3,6 +3,10 @@
 The bytearray is never resized while a memoryview of it may be alive (a driver commonly keeps the
 last view in a local variable): compacting moves the unread bytes to the front with an equal-length
 slice assignment, and growing allocates a new bytearray, so an old view stays valid and harmless.
+
+It grows only for bytes that arrived or for the free space a caller asks for: the connection caps
+what it asks for ahead of the data (``Connection.get_buffer``), so a length announced in a header
+does not reserve memory here.  It starts small (64 KiB): a connection that only says hello costs that.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ class ReceiveBuffer:
 
     __slots__ = ("_buf", "_end", "_start")
 
-    def __init__(self, capacity: int = 256 * 1024) -> None:
+    def __init__(self, capacity: int = _MIN_FREE) -> None:
         self._buf = bytearray(capacity)
         self._start = 0
         self._end = 0

@@ -26,7 +26,7 @@ from ._constants import (
 )
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Violation
 from ._negotiation import NegotiationRules
-from ._parse import Parsers
+from ._parse import PAYLOAD_STEP, Parsers
 from ._state import ACK_TRANSITIONS, CLIENT, NEED_DATA, SERVER, TRANSITIONS, Role, State, _NeedData
 from ._strict import Strictness
 from ._transcript import Transcript
@@ -86,11 +86,15 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._eof = False
         self._queue: deque[ev.Event] = deque()
         self._want = 0  # bytes the parser waits for (get_buffer sizehint)
-        # Zero-copy sink: READ data landing in a caller's buffer.
+        # Zero-copy sink: READ data landing in a caller's buffer, or a payload in a buffer of its own
+        # that grows as the bytes arrive (_sink_grow, then the event's _sink_field).
         self._sink: memoryview | None = None
         self._sink_left = 0
+        self._sink_total = 0
+        self._sink_grow: bytearray | None = None
+        self._sink_field = ""
         self._sink_event: ev.Event | None = None
-        self._sink_handed = False
+        self._sink_handed = 0  # bytes of the sink the last get_buffer() handed out
         self._trailing = bytearray()
         # Negotiated state.
         self.handshake_flags: int | None = None
@@ -162,6 +166,27 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     def no_zeroes(self) -> bool:
         """Both sides agreed to omit the 124 zero bytes after NBD_OPT_EXPORT_NAME."""
         return bool((self.handshake_flags or 0) & _NO_ZEROES and (self.client_flags or 0) & _C_NO_ZEROES)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes from the peer the connection holds for messages not yet delivered: the unread receive
+        buffer plus a payload received so far (data landing in a caller's ``read_buffer`` is not ours).
+        Drivers account memory with it."""
+        n = len(self._buf)
+        if self._sink_grow is not None:
+            n += self._sink_total - self._sink_left
+        return n
+
+    @property
+    def payload_length(self) -> int:
+        """Length the peer declared for the payload being received into a buffer of ours (a WRITE's data
+        of 64 KiB or more, OFFSET_DATA without ``read_buffer``); 0 when none.  Not yet allocated."""
+        return self._sink_total if self._sink_grow is not None else 0
+
+    @property
+    def receiving(self) -> bool:
+        """The peer has started a message it has not finished (a driver's stall timeout applies)."""
+        return self._sink is not None or len(self._buf) > 0
 
     @property
     def pending_option(self) -> ev.Option | None:
@@ -328,8 +353,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             return
         if self._sink is not None and self._sink_left and not len(self._buf):
             n = min(len(data), self._sink_left)
-            off = len(self._sink) - self._sink_left
-            self._sink[off : off + n] = memoryview(data)[:n]
+            self._sink_room(n)[:n] = memoryview(data)[:n]
             self._sink_left -= n
             data = memoryview(data)[n:]
             if not data:
@@ -340,14 +364,17 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         """Writable memory for the next bytes from the peer (``recv_into`` it, then buffer_updated).
 
         While the payload of a READ reply with a ``read_buffer`` is arriving, this is the right slice
-        of that buffer, so the data lands in place.
+        of that buffer, so the data lands in place; a payload received into a buffer of its own gets
+        the free part of that buffer (grown by one step when full).  Otherwise the receive buffer
+        reserves what the parser waits for, but never more than ``PAYLOAD_STEP`` ahead of the bytes
+        already there: the length waited for may be the peer's word (a chunk header).
         """
         if self._sink is not None and self._sink_left and not len(self._buf):
-            self._sink_handed = True
-            off = len(self._sink) - self._sink_left
-            return self._sink[off:]
-        self._sink_handed = False
-        need = max(sizehint, self._want - len(self._buf), 0)
+            view = self._sink_room(0, sizehint)
+            self._sink_handed = len(view)
+            return view
+        self._sink_handed = 0
+        need = max(sizehint, min(self._want - len(self._buf), PAYLOAD_STEP), 0)
         return self._buf.get_buffer(need or -1)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -356,8 +383,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             self._eof = True
             return
         if self._sink_handed:
-            if nbytes > self._sink_left:
+            if nbytes > self._sink_handed:
                 raise ValueError("buffer_updated beyond the slice handed out")
+            self._sink_handed -= nbytes
             self._sink_left -= nbytes
             return
         self._buf.buffer_updated(nbytes)

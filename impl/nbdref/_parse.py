@@ -4,6 +4,11 @@
 next, waits for enough bytes (NEED_DATA), catches what cannot be framed (``_fail``) and hands each
 decoded message to ``_receive``, which runs the shared checks. READ data goes through the sink, so
 it lands in the caller's buffer without a copy.
+
+A length in a header is the peer's word, not data: nothing is allocated from it before the bytes
+arrive.  A payload without a caller's buffer (a WRITE's data, OFFSET_DATA without ``read_buffer``) is
+received into a bytearray that holds what is already here and grows as the bytes arrive, at most
+one step (``PAYLOAD_STEP``) ahead of them (``_grow_sink``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from ._constants import (
 from ._state import NEED_DATA, State, _NeedData
 
 _SINK_THRESHOLD = 64 * 1024  # WRITE payloads from this size on are received in place
+_PAYLOAD_FIRST = 256 * 1024  # first step of a payload buffer when get_buffer() has no size hint
+PAYLOAD_STEP = 1 << 20  # a growing payload buffer runs at most this far ahead of the bytes received
+_ZEROS = memoryview(bytes(PAYLOAD_STEP))  # bytes(n) is calloc'ed: untouched pages cost no memory
 
 # Plain ints for the per-message path (an enum class attribute costs several times a global).
 _REQUEST_MAGIC, _EXTENDED_REQUEST_MAGIC = int(Magic.REQUEST), int(Magic.EXTENDED_REQUEST)
@@ -306,30 +314,86 @@ class Parsers(Checker):
         data = buf.take(length)
         return self._receive(ev.SimpleReply(cookie=cookie, error=0, data=data), len(raw) + length, raw)
 
-    def _start_sink(self, target: memoryview, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
+    def _start_sink(
+        self, target: memoryview, e: ev.Event, nbytes: int, raw: bytes, total: int | None = None
+    ) -> ev.Event | _NeedData:
         """Deliver the payload of ``e`` straight into ``target``; the checks of ``e`` run once it is complete.
 
         The checks that guard ``target`` (range SR-032, overlap SR-033 of OFFSET_DATA) are made by the
-        caller before it starts the sink.
+        caller before it starts the sink.  ``total`` (growing sinks only) is the payload's length when
+        ``target`` covers only its first part.
         """
         self._sink_raw = (nbytes, raw)
         self._sink = target
-        self._sink_left = len(target)
+        self._sink_total = self._sink_left = len(target) if total is None else total
         self._sink_event = e
         return self._drain_sink()
 
+    def _start_payload(self, length: int, e: ev.Event, field: str, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
+        """Receive a ``length``-byte payload into a bytearray of its own that grows as the bytes arrive.
+
+        ``length`` comes from a header: allocating it at once let 28 bytes of WRITE header cost 64 MiB.
+        The buffer starts empty when no byte of the payload is here yet (a header alone costs nothing),
+        else with those bytes and one step; ``_grow_sink`` keeps it at most one step ahead of the data.
+        Once complete it becomes the event's ``field``.
+        """
+        have = len(self._buf)
+        payload = bytearray(min(length, have + _PAYLOAD_FIRST) if have else 0)
+        self._sink_grow = payload
+        self._sink_field = field
+        return self._start_sink(memoryview(payload), e, nbytes, raw, total=length)
+
+    def _sink_room(self, n: int, hint: int = 0) -> memoryview:
+        """Sink memory at the write position, with room for ``min(n, left)`` bytes (at least one)."""
+        off = self._sink_total - self._sink_left
+        if self._sink_grow is not None and len(self._sink) - off < max(min(n, self._sink_left), 1):  # type: ignore[arg-type]
+            self._grow_sink(off, n, hint)
+        return self._sink[off:]  # type: ignore[index]
+
+    def _grow_sink(self, off: int, n: int, hint: int) -> None:
+        """Grow the payload buffer (``off`` bytes received) for ``n`` bytes at hand, plus one step.
+
+        The step is ``get_buffer``'s size hint (256 KiB without one) at first, then the buffer's size,
+        never more than ``PAYLOAD_STEP``: the buffer holds at most what arrived, what is at hand and one
+        step (and doubles meanwhile, so it is resized O(log n) times).  It is resized in place (realloc:
+        large blocks are remapped, not copied) once our own view is released.  If a driver still holds
+        a view of it (its last ``get_buffer``), it cannot be resized: the bytes move to a new buffer of
+        twice the size, so that such copies stay linear in the payload, and the old view stays valid
+        (nobody reads it any more).
+        """
+        payload = self._sink_grow
+        assert payload is not None and self._sink is not None
+        cap = len(payload)
+        step = min(PAYLOAD_STEP, max(hint if hint > 0 else _PAYLOAD_FIRST, cap))
+        new = min(self._sink_total, max(off + n, cap + step))
+        try:
+            self._sink.release()
+            extra = new - cap
+            payload += _ZEROS[:extra] if extra <= len(_ZEROS) else bytes(extra)
+        except BufferError:
+            grown = bytearray(min(self._sink_total, max(new, 2 * cap)))
+            grown[:off] = memoryview(payload)[:off]
+            self._sink_grow = payload = grown
+        self._sink = memoryview(payload)
+
     def _drain_sink(self) -> ev.Event | _NeedData:
         assert self._sink is not None
-        if self._sink_left and len(self._buf):
-            off = len(self._sink) - self._sink_left
-            self._sink_left -= self._buf.copy_into(self._sink[off:], self._sink_left)
+        left = self._sink_left
+        if left and len(self._buf):
+            n = min(left, len(self._buf))
+            self._sink_left -= self._buf.copy_into(self._sink_room(n), n)
         if self._sink_left:
             self._want = 0
             return NEED_DATA
         e, (nbytes, raw) = self._sink_event, self._sink_raw
-        self._sink = self._sink_event = None
-        self._sink_handed = False
         assert e is not None
+        payload = self._sink_grow
+        if payload is not None:
+            # The event has not left the core yet: give it the buffer the payload ended up in.
+            object.__setattr__(e, self._sink_field, payload)
+            self._sink_grow = None
+        self._sink = self._sink_event = None
+        self._sink_handed = 0
         return self._receive(e, nbytes, raw)
 
     def _parse_chunk(
@@ -425,10 +489,10 @@ class Parsers(Checker):
                 raw,
                 "Structured reply types / NBD_REPLY_TYPE_OFFSET_DATA",
             )
-        # Small leftover or no read_buffer: collect the bytes (the parser state must survive NEED_DATA).
-        tmp = bytearray(n)
-        e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=tmp, length=n)
-        return self._start_sink(memoryview(tmp), e, hsize + length, raw)
+        # Small leftover or no read_buffer: collect the bytes (the parser state must survive NEED_DATA),
+        # in a buffer that grows as they arrive (n is the server's word).
+        e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=None, length=n)
+        return self._start_payload(n, e, "data", hsize + length, raw)
 
     # -- bytes from the client
     def _parse_from_client(self) -> ev.Event | _NeedData:
@@ -526,13 +590,13 @@ class Parsers(Checker):
         cmd_flags = _cmd_flags(flags)
         if plen >= _SINK_THRESHOLD and self._have(layout.size):
             # A large WRITE payload is received straight into its own buffer (get_buffer hands out
-            # that buffer), instead of accumulating in the receive buffer and being copied out.
+            # that buffer), instead of accumulating in the receive buffer and being copied out; the
+            # buffer grows as the data arrives (plen is only the client's word so far).
             raw = buf.take(layout.size)
-            payload = bytearray(plen)
             e = ev.Request(
-                cookie=cookie, command=command, flags=cmd_flags, offset=offset, length=length, payload=payload
+                cookie=cookie, command=command, flags=cmd_flags, offset=offset, length=length, payload=None
             )
-            return self._start_sink(memoryview(payload), e, layout.size + plen, raw)
+            return self._start_payload(plen, e, "payload", layout.size + plen, raw)
         if not self._have(layout.size + plen):
             return NEED_DATA
         raw = buf.take(layout.size)

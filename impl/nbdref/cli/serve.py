@@ -80,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--split-reads", type=parse_size, default=0, metavar="BYTES",
                      help="cut structured reads into chunks of this size")
     how.add_argument("--no-transcript", action="store_true", help="do not keep wire transcripts")
+    # Defaults are the Server's (nbdref.server._server); "%(default)s" shows them in --help.
+    from ..server._server import (
+        DEFAULT_MAX_BUFFER,
+        DEFAULT_MAX_CONNECTION_BUFFER,
+        DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_THREADS,
+    )
+
+    caps = p.add_argument_group("limits (connections over a cap are closed at once)")
+    caps.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                      help="connections served at once (default %(default)s)")
+    caps.add_argument("--max-threads", type=int, default=DEFAULT_MAX_THREADS, metavar="N",
+                      help="threads of all connections: one each plus their workers (default %(default)s)")
+    caps.add_argument("--max-buffer", type=parse_size, default=DEFAULT_MAX_BUFFER, metavar="SIZE",
+                      help="bytes read from all clients and not yet answered; reads wait when it is used "
+                           f"up (default {DEFAULT_MAX_BUFFER >> 20}M)")
+    caps.add_argument("--max-connection-buffer", type=parse_size, default=DEFAULT_MAX_CONNECTION_BUFFER,
+                      metavar="SIZE", help="the same for one connection; a longer declared WRITE is refused "
+                                           f"(default {DEFAULT_MAX_CONNECTION_BUFFER >> 20}M)")
     how.add_argument("--pid-file", metavar="PATH")
     how.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                   handshake_timeout=None if args.no_handshake_timeout else args.handshake_timeout,
                   read_chunk_size=args.split_reads, transcript=not args.no_transcript,
                   oldstyle=args.oldstyle, mask_handshake=args.mask_handshake,
+                  max_connections=args.max_connections, max_threads=args.max_threads,
+                  max_buffer=args.max_buffer, max_connection_buffer=args.max_connection_buffer,
                   max_records=100)  # a long-running server must not keep every transcript forever
     if args.stdin:
         return _serve_stdin(export, common)

@@ -18,7 +18,7 @@ from .._strict import Strictness
 from ..faults import Fault
 from ..personas import Persona
 from ._commands import ReadShape
-from ._config import ConnectionRecord, TLSConfig
+from ._config import Account, Budget, ConnectionRecord, TLSConfig
 from ._export import Export
 from ._listen import describe_peer, listen_tcp, listen_unix, uri_for
 from ._session import Session
@@ -27,6 +27,12 @@ from ._transport import SocketTransport, Transport
 log = logging.getLogger("nbdref.server")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+# Caps against clients that hold resources (defaults of Server and of ``serve``; see docs/design.md).
+DEFAULT_MAX_CONNECTIONS = 128
+DEFAULT_MAX_THREADS = 512  # connection threads (one each) + their workers
+DEFAULT_MAX_BUFFER = 512 << 20  # bytes read from clients and not yet answered, all connections
+DEFAULT_MAX_CONNECTION_BUFFER = 128 << 20  # the same for one connection (4 WRITEs of 2^25 in flight)
+_REFUSAL_LOG_INTERVAL = 5.0
 
 
 class Server:
@@ -36,6 +42,11 @@ class Server:
     thread (for fixtures), ``serve_forever()`` from the caller's; ``stop()`` ends everything.  Every
     connection leaves a ``ConnectionRecord`` in ``records`` (violations, transcript, reason), complete once
     its ``ended`` event is set: ``wait_closed()`` waits for all of them.
+
+    Caps: at most ``max_connections`` connections and ``max_threads`` threads (each connection's own,
+    plus its workers, taken from what is left when its first request needs one); connections beyond
+    them are closed at once (``refused`` counts them).  ``max_buffer`` / ``max_connection_buffer``
+    bound the bytes read from clients and not yet answered (see ``Account``).
     """
 
     def __init__(
@@ -59,6 +70,10 @@ class Server:
         max_records: int | None = None,
         oldstyle: bool = False,
         mask_handshake: int = 0xFFFF,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_threads: int = DEFAULT_MAX_THREADS,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_connection_buffer: int = DEFAULT_MAX_CONNECTION_BUFFER,
     ) -> None:
         self.exports: list[Export] = [exports] if isinstance(exports, Export) else list(exports)
         if not self.exports:
@@ -70,6 +85,14 @@ class Server:
             raise ValueError("oldstyle negotiation cannot do TLS")
         self.oldstyle = oldstyle
         self.mask_handshake = mask_handshake
+        if min(max_connection_buffer, max_buffer) < 1 << 20:
+            raise ValueError("buffer budgets must be at least 1 MiB (one read of a payload)")
+        self.connection_slots = Budget(max_connections)
+        self.thread_slots = Budget(max_threads)
+        self.buffer_budget = Budget(max_buffer)
+        self.max_connection_buffer = max_connection_buffer
+        self.refused = 0  # connections closed at once because a cap was reached
+        self._refusal_logged = 0.0
         self.persona = personas_mod.get(persona)
         self.fault = faults_mod.get(fault)
         self.tls = tls or TLSConfig()
@@ -148,6 +171,8 @@ class Server:
             sessions = list(self._sessions.values())
         for s in sessions:
             s.t.shutdown()
+        with self.buffer_budget.cond:
+            self.buffer_budget.cond.notify_all()  # readers waiting for the budget see _stopping
         for t in self._accept_threads + list(self._threads):
             t.join(timeout)
         if self._unix_path and os.path.exists(self._unix_path):
@@ -194,15 +219,60 @@ class Server:
                 log.exception("accept failed")
                 self._stopping.wait(0.1)  # e.g. EMFILE: back off instead of spinning
                 continue
+            # Over a cap the connection is accepted and closed at once, here, on the accept thread:
+            # the client sees EOF instead of the greeting right away, and it costs no thread and no
+            # handshake time limit.  Not accepting until a slot frees would leave clients waiting in
+            # the listen backlog (the kernel completes their TCP handshake anyway) with no answer for
+            # up to a whole handshake limit, and behind them the well-behaved ones.
+            if not self._admit():
+                self._refuse(describe_peer(sock))
+                sock.close()
+                continue
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Room for a whole 4 MiB reply in the kernel: fewer partial sendmsg rounds per READ.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            self.serve_transport(SocketTransport(sock), describe_peer(sock))
+            self._serve_admitted(SocketTransport(sock), describe_peer(sock))
+
+    def _admit(self) -> bool:
+        """Take a connection slot and its thread, or neither."""
+        if not self.connection_slots.take(1):
+            return False
+        if not self.thread_slots.take(1):
+            self.connection_slots.give(1)
+            return False
+        return True
+
+    def _refuse(self, peer: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:  # a flood must not flood the log too
+            self._refusal_logged = now
+            log.warning("refusing connection from %s: %d connections, %d threads in use (max %d, %d); "
+                        "%d refused so far", peer, self.connection_slots.used, self.thread_slots.used,
+                        self.connection_slots.limit, self.thread_slots.limit, self.refused)
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        return self.connection_slots.used
 
     def serve_transport(self, transport: Transport, peer: str, *, wait: bool = False) -> ConnectionRecord:
-        """Serve one already-connected transport (sockets from accept, socketpairs in tests, --stdin)."""
+        """Serve one already-connected transport (sockets from accept, socketpairs in tests, --stdin).
+
+        Over the connection or thread cap the transport is closed at once; the record returned then
+        says so (it is not kept in ``records``)."""
+        if not self._admit():
+            self._refuse(peer)
+            with contextlib.suppress(OSError):
+                transport.close()
+            record = ConnectionRecord(id=0, peer=peer, reason="refused: connection or thread cap reached")
+            record.ended.set()
+            return record
+        return self._serve_admitted(transport, peer, wait=wait)
+
+    def _serve_admitted(self, transport: Transport, peer: str, *, wait: bool = False) -> ConnectionRecord:
         cid = next(self._ids)
         record = ConnectionRecord(id=cid, peer=peer)
         session = Session(
@@ -214,6 +284,7 @@ class Server:
             stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
             tls_handshake_timeout=self.tls.handshake_timeout,
             oldstyle=self.oldstyle, mask_handshake=self.mask_handshake,
+            threads=self.thread_slots, account=Account(self.buffer_budget, self.max_connection_buffer),
         )
         with self._lock:
             self.records.append(record)
@@ -229,7 +300,17 @@ class Server:
         t = threading.Thread(target=self._run, args=(session,), name=f"nbdref-conn{cid}", daemon=True)
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as e:  # the process has no thread left: end the connection, free its slots
+            record.reason = f"refused: cannot start a thread ({e})"
+            with contextlib.suppress(OSError):
+                transport.close()
+            with self._lock:
+                self._sessions.pop(cid, None)
+            self.thread_slots.give(1)
+            self.connection_slots.give(1)
+            record.ended.set()
         return record
 
     def _handshake_limit(self) -> float | None:
@@ -248,3 +329,5 @@ class Server:
         finally:
             with self._lock:
                 self._sessions.pop(session.record.id, None)
+            self.thread_slots.give(1)
+            self.connection_slots.give(1)

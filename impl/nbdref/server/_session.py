@@ -25,14 +25,17 @@ from ..connection import NEED_DATA, ServerConnection
 from ..faults import Fault, ReplyContext
 from ..personas import Persona
 from ._commands import Executor, ReadShape
-from ._config import ConnectionRecord
+from ._config import Account, Budget, ConnectionRecord
 from ._export import Export
 from ._options import Negotiation
 from ._transport import TLSTransport, Transport
 
 log = logging.getLogger("nbdref.server")
 
-_RECV_SIZE = 1 << 18
+# Size hint of each read: what the receive buffer reserves (a connection that only says hello costs
+# that much), and the first step of a payload buffer.  Payload buffers double up to 1 MiB steps.
+_RECV_SIZE = 64 << 10
+_RECV_MAX = 1 << 20  # at most this much is charged to the byte budget and read at once
 TRANSCRIPT_MAX = 20000
 
 
@@ -63,6 +66,8 @@ class Session:
         tls_handshake_timeout: float = 10.0,
         oldstyle: bool = False,
         mask_handshake: int = 0xFFFF,
+        threads: Budget | None = None,
+        account: Account | None = None,
     ) -> None:
         self.t = transport
         self.record = record
@@ -97,6 +102,10 @@ class Session:
         self.tls_handshake_timeout = tls_handshake_timeout
         self.oldstyle = oldstyle
         self.mask_handshake = mask_handshake
+        # The server's shares: worker threads (taken when the first request needs one) and bytes read
+        # and not yet answered (see _recv).
+        self.threads = threads
+        self.account = account
 
     # ------------------------------------------------------------------ entry point
 
@@ -137,6 +146,8 @@ class Session:
                 self.t.close()
             except OSError:
                 pass
+            if self.account is not None:
+                self.account.close()
             log.info("connection %d from %s closed: %s", r.id, r.peer, r.reason or "?")
             r.ended.set()
 
@@ -149,18 +160,47 @@ class Session:
         self._seen_violations = len(vs)
 
     def _recv(self, timeout: float | None) -> int:
-        """Feed the core one read from the transport (b"" at EOF); the number of bytes read."""
+        """Feed the core one read from the transport (b"" at EOF); the number of bytes read.
+
+        With a byte budget, the read is charged before it happens (up to ``_RECV_MAX``, at least 64 KiB
+        or what the core offers) and settled after: while the connection's share or the server's total
+        is used up, it waits instead of reading (the client is held up by TCP), and raises TimeoutError
+        after ``timeout`` like a silent socket.  A declared WRITE payload that could never fit is
+        refused at once (BSZ-023: "either side MAY hard-disconnect" on a denial-of-service payload).
+        """
         self.t.set_timeout(timeout)
+        acct = self.account
         get_buffer = getattr(self.conn, "get_buffer", None)
         if get_buffer is not None:
             with self._core_lock:
                 buf = get_buffer(_RECV_SIZE)
-            n = self.t.recv_into(buf)
-            with self._core_lock:
-                if n:
-                    self.conn.buffer_updated(n)
-                else:
-                    self.conn.receive_data(b"")
+                declared = self.conn.payload_length
+                in_core = self.conn.buffered_bytes
+            if acct is not None:
+                if declared > acct.max_payload:
+                    raise Disconnect(f"WRITE payload of {declared} bytes exceeds the {acct.max_payload}-byte "
+                                     "buffer budget of a connection")
+                acct.settle(in_core)
+                want = min(len(buf), _RECV_MAX)
+                got = acct.reserve(want, min(want, _RECV_SIZE), 30.0 if timeout is None else timeout,
+                                   self.stopping)
+                if not got:
+                    if self.stopping.is_set():
+                        raise Disconnect("server stopping")
+                    raise TimeoutError("no room in the server's buffer budget")
+                buf = buf[:got]
+            try:
+                n = self.t.recv_into(buf)
+                with self._core_lock:
+                    if n:
+                        self.conn.buffer_updated(n)
+                    else:
+                        self.conn.receive_data(b"")
+            finally:
+                if acct is not None:
+                    with self._core_lock:
+                        in_core = self.conn.buffered_bytes
+                    acct.settle(in_core)
             return n
         data = bytearray(_RECV_SIZE)
         n = self.t.recv_into(memoryview(data))
@@ -190,6 +230,12 @@ class Session:
                 self._recv(timeout)
             except TimeoutError:
                 if deadline is None:
+                    with self._core_lock:
+                        stalled = self.conn.receiving
+                    if stalled:
+                        # Inside a message nothing moved for io_timeout (the client stopped sending, or
+                        # the buffer budget stayed full): what this connection holds goes back.
+                        raise Disconnect(f"no progress inside a message for {self.io_timeout} s") from None
                     continue  # an idle client in transmission is fine (stop() wakes us with a shutdown)
                 if time.monotonic() < deadline:
                     continue
@@ -358,7 +404,8 @@ class Session:
     def _transmission(self, export: Export) -> None:
         self.t.set_timeout(self.io_timeout)
         executor = Executor(export, self.nego, self.read_shape, refusals=self._refusals)
-        pool = ThreadPoolExecutor(max_workers=max(1, self.workers), thread_name_prefix=f"nbdref-c{self.record.id}")
+        pool: ThreadPoolExecutor | None = None  # made when the first request needs a worker
+        taken = 0  # worker threads taken from the server's thread budget
         inline_reads = isinstance(export.backend, MemoryBackend)
         try:
             while True:
@@ -369,16 +416,50 @@ class Session:
                 if e.command == Cmd.DISC:
                     # "The server MUST handle all outstanding requests, shut down the TLS session (if one
                     # is running), and close the TCP session."
-                    pool.shutdown(wait=True)
+                    if pool is not None:
+                        pool.shutdown(wait=True)
                     raise Disconnect("client sent NBD_CMD_DISC")
-                if self.workers <= 0 or (inline_reads and e.command == Cmd.READ and not self.fault):
+                held = self._hold(e)
+                inline = inline_reads and e.command == Cmd.READ and not self.fault
+                if self.workers > 0 and pool is None and not inline:
+                    taken, pool = self._worker_pool()
+                if pool is None or inline:
                     # RAM reads never block: answering on the reader thread saves two thread switches.
-                    self._serve(executor, e)
+                    # Without a worker (workers=0, or none left in the server's budget) every request
+                    # is answered here.
+                    self._serve_held(executor, e, held)
                 else:
-                    pool.submit(self._serve, executor, e)
+                    pool.submit(self._serve_held, executor, e, held)
         finally:
             self._client_gone.set()  # before the join: a stalled worker must not keep the pool alive
-            pool.shutdown(wait=True, cancel_futures=False)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=False)
+            if taken and self.threads is not None:
+                self.threads.give(taken)
+
+    def _worker_pool(self) -> tuple[int, ThreadPoolExecutor | None]:
+        """Up to ``workers`` threads of what the server's thread budget has left (none: answer inline).
+
+        Taken at the first request that needs one, not at GO: a connection that never completes a
+        request (an idle or hostile client) holds no worker threads."""
+        n = self.workers if self.threads is None else self.threads.take(self.workers, minimum=0)
+        if n <= 0:
+            return 0, None
+        return n, ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"nbdref-c{self.record.id}")
+
+    def _hold(self, req: ev.Request) -> int:
+        """A request's payload stays charged to the byte budget until its reply is sent."""
+        n = len(req.payload) if req.payload is not None and self.account is not None else 0
+        if n:
+            self.account.queue(n)  # type: ignore[union-attr]
+        return n
+
+    def _serve_held(self, executor: Executor, req: ev.Request, held: int) -> None:
+        try:
+            self._serve(executor, req)
+        finally:
+            if held:
+                self.account.done(held)  # type: ignore[union-attr]
 
     def _refusals(self, req: ev.Request) -> list[tuple[str, int | None]]:
         """The core's "which error does a correct server owe" table, for the executor's workers."""

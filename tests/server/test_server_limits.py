@@ -1,0 +1,189 @@
+"""Caps of the reference server: connections, threads, bytes buffered per connection and in total.
+
+Hardening: 400 idle sockets used to cost 402 threads for the 60 s handshake limit, and a 28-byte
+WRITE header could make a connection hold 64 MiB.  Over a connection or thread cap the server
+accepts and closes at once (the client sees EOF, no thread is spent); a declared WRITE that no budget
+could hold is refused (hard disconnect, BSZ-023); a full byte budget makes readers wait.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from nbdref.client import Client, ClientError
+from nbdref.server import Export
+
+from . import rawclient as rc
+
+MiB = 1 << 20
+TIMEOUT = 5.0
+
+
+def idle(server) -> socket.socket:
+    """A client that connects, reads the greeting and then says nothing (it holds a slot)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    rc.OPENED.append(s)
+    s.connect(server.address)
+    assert rc.recv_exact(s, 8) == b"NBDMAGIC"
+    return s
+
+
+def refused_at_once(server) -> float:
+    """Connect (the kernel accepts) and time how long until the server closes without a greeting."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    rc.OPENED.append(s)
+    t0 = time.monotonic()
+    s.connect(server.address)
+    try:
+        data = s.recv(18)
+    except ConnectionResetError:
+        data = b""
+    assert data == b"", "a connection over the cap got a greeting"
+    return time.monotonic() - t0
+
+
+def server_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("nbdref-c")]
+
+
+def wait_until(cond, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def client(server, timeout: float = TIMEOUT) -> Client:
+    c = Client()
+    c.set_timeout(timeout)
+    c.connect_uri(server.uri)
+    return c
+
+
+def write_read(server, size: int = 64 * 1024) -> None:
+    c = client(server)
+    data = os.urandom(size)
+    c.pwrite(data, 4096)
+    assert c.pread(size, 4096) == data
+    c.shutdown()
+
+
+def test_connection_cap_refuses_the_excess_at_once_without_a_thread(serve):
+    s = serve(max_connections=3, handshake_timeout=60)
+    for _ in range(3):
+        idle(s)
+    wait_until(lambda: s.active == 3)
+    before = len(server_threads())
+    assert before == 3
+    for _ in range(20):
+        assert refused_at_once(s) < 2.0  # not the 60 s handshake limit
+    assert s.refused == 20 and s.active == 3
+    assert len(server_threads()) == before
+    assert len(s.records) == 3  # refusals leave no record
+
+
+def test_normal_client_served_while_idle_sockets_hold_slots(serve):
+    s = serve([Export.memory("exp", 4 * MiB)], max_connections=4, handshake_timeout=60)
+    held = [idle(s) for _ in range(3)]
+    t0 = time.monotonic()
+    write_read(s)  # the last slot
+    assert time.monotonic() - t0 < 2.0
+    wait_until(lambda: s.active == 3)  # the client's slot frees once its session has ended
+    held.append(idle(s))  # all four slots held
+    wait_until(lambda: s.active == 4)
+    with pytest.raises((ClientError, OSError)):
+        client(s).pread(512, 0)
+    held.pop().close()  # a slot frees as soon as the server sees the EOF
+    wait_until(lambda: s.active == 3)
+    write_read(s)
+
+
+def test_thread_cap_bounds_connections_and_their_workers(serve):
+    s = serve([Export.memory("exp", 4 * MiB)], max_connections=10, max_threads=3, workers=1)
+    a = client(s)
+    a.pwrite(b"a" * 65536, 0)  # its reader + the worker its first WRITE takes: 2 threads
+    b = client(s)  # the last thread: its own reader; no worker left, so it answers inline
+    b.pwrite(b"b" * 65536, 65536)
+    assert b.pread(65536, 0) == b"a" * 65536 and a.pread(65536, 65536) == b"b" * 65536
+    assert len(server_threads()) <= 3
+    assert refused_at_once(s) < 2.0
+    a.shutdown()
+    b.shutdown()
+    wait_until(lambda: s.thread_slots.used == 0)
+    write_read(s)  # everything was given back
+
+
+def test_declared_write_over_the_budget_is_refused(serve):
+    s = serve([Export.memory("exp", 16 * MiB)], max_buffer=2 * MiB, max_connection_buffer=2 * MiB)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(TIMEOUT)
+    rc.OPENED.append(c)
+    c.connect(s.address)
+    rc.handshake(c)
+    t0 = time.monotonic()
+    c.sendall(rc.request(1, 0, 4 * MiB, cookie=1))  # WRITE header alone: 4 MiB declared, none sent
+    assert rc.closed(c)
+    assert time.monotonic() - t0 < 2.0
+    wait_until(lambda: s.records[0].ended.is_set())
+    assert "buffer budget" in s.records[0].reason
+    assert s.buffer_budget.used == 0
+    write_read(s, 1 * MiB)  # a WRITE that fits is served
+
+
+def test_full_budget_makes_readers_wait_until_it_frees(serve):
+    """A holds the whole budget with a WRITE it never finishes: B's bytes are not read (B waits) until
+    A's stall reaches io_timeout and A is dropped."""
+    s = serve([Export.memory("exp", 4 * MiB)], max_buffer=MiB, max_connection_buffer=MiB, io_timeout=1.0)
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.settimeout(TIMEOUT)
+    rc.OPENED.append(a)
+    a.connect(s.address)
+    rc.handshake(a)
+    a.sendall(rc.request(1, 0, MiB, cookie=1) + bytes(MiB - 4096))
+    wait_until(lambda: s.buffer_budget.used >= MiB - 64 * 1024)
+    t0 = time.monotonic()
+    write_read(s, 4096)
+    waited = time.monotonic() - t0
+    assert waited >= 0.5, f"B was served after {waited:.2f} s while the budget was full"
+    rec_a = s.records[0]
+    assert rec_a.ended.is_set() and "no progress inside a message" in rec_a.reason
+    wait_until(lambda: s.buffer_budget.used == 0)
+
+
+def test_payload_bytes_stay_charged_until_the_reply(serve):
+    """Accounting: what was read and answered is given back; nothing leaks across many WRITEs."""
+    s = serve([Export.memory("exp", 8 * MiB)], max_buffer=4 * MiB, max_connection_buffer=4 * MiB, workers=4)
+    c = client(s)
+    for i in range(16):
+        c.aio_pwrite(os.urandom(MiB), (i % 8) * MiB)  # 16 MiB through a 4 MiB budget
+    c.wait_all()
+    assert s.buffer_budget.used <= 4 * MiB
+    c.shutdown()
+    wait_until(lambda: s.buffer_budget.used == 0)
+
+
+def test_budgets_are_validated():
+    from nbdref.server import Server
+
+    with pytest.raises(ValueError):
+        Server([Export.memory("exp", MiB)], max_buffer=4096)
+    with pytest.raises(ValueError):
+        Server([Export.memory("exp", MiB)], max_connections=0)
+
+
+def test_cli_shows_and_passes_the_caps(capsys):
+    from nbdref.cli import serve as cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for opt in ("--max-connections", "--max-threads", "--max-buffer", "--max-connection-buffer"):
+        assert opt in out
+    args = cli.build_parser().parse_args(["--max-connections", "7", "--max-buffer", "64M"])
+    assert args.max_connections == 7 and args.max_buffer == 64 * MiB
