@@ -29,9 +29,17 @@ class Backend(ABC):
     #: Whether ``zero(may_trim=True)`` and ``trim`` really create holes (reported by block status).
     sparse: bool = True
 
+    #: Whether ``pread_into`` beats ``pread``: the server then reads into buffers it reuses.
+    reads_into: bool = False
+
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes | memoryview:
         """Data at [offset, offset+length); a memoryview of the store where possible (zero copy)."""
+
+    def pread_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the data at ``offset``: for stores that can read into memory the caller
+        owns and reuses (a file: preadv), instead of allocating a fresh buffer per request."""
+        memoryview(buf).cast("B")[:] = self.pread(offset, memoryview(buf).nbytes)
 
     @abstractmethod
     def pwrite(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None: ...

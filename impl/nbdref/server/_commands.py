@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -44,6 +45,11 @@ _ERRNO_TO_NBD = {
     errno.EOVERFLOW: Err.EOVERFLOW, errno.ENOTSUP: Err.ENOTSUP, errno.ESHUTDOWN: Err.ESHUTDOWN,
 }
 
+# READ replies of this size range are read into a buffer kept per worker thread (backends with
+# ``reads_into``, e.g. files: preadv, no allocation per request).  Smaller ones: a bytes object costs the
+# same, and the transcript may keep it whole.  Larger ones: a kept buffer would pin that much per worker.
+REUSE_MIN, REUSE_MAX = 16 << 10, 8 << 20
+
 MAX_EXTENTS = 1 << 20  # "a server SHOULD NOT send more than 2^20 status descriptors in a single chunk"
 DEFAULT_MAX_PAYLOAD = 1 << 25  # the spec's default maximum payload
 
@@ -70,6 +76,8 @@ class Executor:
 
     ``refusals`` is the core's ``ServerConnection.refusals`` (called under the session's lock): the
     "Error values" rules live there once; ``check`` adds only what depends on this server's choices.
+    READ replies may point into a buffer kept for the calling thread: send what ``execute`` returns
+    before the same thread calls it again (the session does: each worker sends its own reply).
     """
 
     def __init__(self, export: Export, nego: Negotiation, shape: ReadShape | None = None, *,
@@ -89,6 +97,7 @@ class Executor:
         # minimum block size of 1".
         self.enforced = nego.enforced_block_size(export)
         self.max_payload = self.enforced[2] if self.enforced else DEFAULT_MAX_PAYLOAD
+        self._buffers = threading.local()  # .buf: this thread's READ reply buffer (see REUSE_MIN)
 
     @property
     def structured(self) -> bool:
@@ -216,18 +225,39 @@ class Executor:
 
     # ----------------------------------------------------------------- READ
 
+    def _reader(self, off: int, length: int) -> Callable[[int, int], bytes | memoryview]:
+        """A function giving the data of [p, p+m) within the read [off, off+length): straight from
+        ``pread``, or read into this thread's reused reply buffer when the backend can fill one."""
+        b = self.export.backend
+        if not b.reads_into or not REUSE_MIN <= length <= REUSE_MAX or self.shape.chunk_size:
+            return b.pread  # (chunk_size: tiny chunks would sit in the transcript as views of the buffer)
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = self._buffers.buf = bytearray(1 << (length - 1).bit_length())  # never resized: views live
+        view = memoryview(buf)
+
+        def fill(p: int, m: int) -> bytes | memoryview:
+            if m < REUSE_MIN:  # a sliver between holes: bytes of its own (the transcript keeps it whole)
+                return b.pread(p, m)
+            v = view[p - off : p - off + m]
+            b.pread_into(p, v)
+            return v
+
+        return fill
+
     def _read(self, req: ev.Request) -> list[ev.Event]:
         off, length, cookie = req.offset, req.length, req.cookie
         b = self.export.backend
         if not self.structured:
-            return [ev.SimpleReply(cookie=cookie, error=0, data=b.pread(off, length))]
+            return [ev.SimpleReply(cookie=cookie, error=0, data=self._reader(off, length)(off, length))]
         if length == 0:
             # "The client SHOULD NOT request a read length of 0 ... the server SHOULD NOT disconnect".
             return [ev.NoneChunk(cookie=cookie, done=True)]
+        read = self._reader(off, length)
         if int(req.flags) & _DF or (not self.persona.offset_hole and not self.shape.chunk_size):
             # DF: "If this flag is set, the server MUST send at most one content chunk".  Otherwise, with
             # no holes to report and no splitting asked for, one chunk is also the fast path.
-            return [ev.OffsetData(cookie=cookie, done=True, offset=off, data=b.pread(off, length))]
+            return [ev.OffsetData(cookie=cookie, done=True, offset=off, data=read(off, length))]
         pieces: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
         if self.persona.offset_hole:
             pos = off
@@ -246,6 +276,9 @@ class Executor:
                 pieces.append((pos, off + length - pos, False))
         else:
             pieces.append((off, length, False))
+        if len(pieces) == 1 and not pieces[0][2] and not self.shape.chunk_size:
+            # All data (a fully written file): one chunk, as above.
+            return [ev.OffsetData(cookie=cookie, done=True, offset=off, data=read(off, length))]
         step = self.shape.chunk_size
         chunks: list[ev.Event] = []
         for o, n, hole in pieces:
@@ -253,7 +286,8 @@ class Executor:
                 chunks.extend(ev.OffsetHole(cookie=cookie, done=False, offset=p, length=m)
                               for p, m in _split(o, n, 0xFFFFFFFF))
             else:
-                chunks.extend(ev.OffsetData(cookie=cookie, done=False, offset=p, data=b.pread(p, m))
+                data = memoryview(read(o, n))  # one read per piece; its chunks are slices of it
+                chunks.extend(ev.OffsetData(cookie=cookie, done=False, offset=p, data=data[p - o : p - o + m])
                               for p, m in _split(o, n, step or 0xFFFFFFF0))
         if self.shape.reverse:
             chunks.reverse()
