@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from fixtures.runs import (
     RUN_LABEL,
     ProcId,
     _docker_ps,
+    cleanup_run,
     current_run,
     proc_start_time,
     sweep_stale,
@@ -263,3 +266,221 @@ def test_short_socket_dirs_are_removed_with_their_run(state: Path, tmp_path: Pat
     assert live.is_dir()
     cleanup_run(live_run)
     assert not live.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hardening: SIGTERM as Ctrl-C, processes found by their command line, dead workers, daemons
+
+
+SIGTERM_CHILD = r"""
+import json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from fixtures.runs import interrupts_deferred, restore_sigterm, sigterm_as_interrupt
+
+def term_then_wait():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+
+seen = []
+previous = signal.getsignal(signal.SIGTERM)
+seen.append(sigterm_as_interrupt() and sigterm_as_interrupt())       # idempotent
+try:
+    term_then_wait()
+    seen.append("not raised")
+except KeyboardInterrupt:
+    seen.append("raised")
+try:
+    with interrupts_deferred():
+        term_then_wait()
+        seen.append("block finished")
+except KeyboardInterrupt:
+    seen.append("raised after the block")
+with interrupts_deferred(then_raise=False):
+    term_then_wait()
+seen.append("dropped")
+restore_sigterm()
+seen.append(signal.getsignal(signal.SIGTERM) is previous)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+seen.append(sigterm_as_interrupt())                                 # an ignored SIGTERM stays ignored
+print(json.dumps(seen))
+"""
+
+
+def test_sigterm_as_interrupt_is_ctrl_c_deferrable_and_restored(tmp_path: Path) -> None:
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_CHILD)
+    r = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [True, "raised", "block finished", "raised after the block", "dropped", True,
+                                    False]
+
+
+def _sleeper(*args: str) -> subprocess.Popen[bytes]:
+    """A process in its own session (like a daemon) whose command line holds ``args``."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args],
+                            start_new_session=True)
+
+
+def _gone(proc: subprocess.Popen[bytes], seconds: float = 10.0) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def test_sweep_kills_what_names_a_dead_run_and_keeps_the_dir_until_it_is_gone(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unrecorded process naming a dead run's dir is killed before the dir goes; while it cannot be
+    killed the dir stays (so the next sweep can find it); a live run's processes are never touched."""
+    import fixtures.runs as runs
+    from fixtures.runs import processes_naming, runs_root
+
+    me = ProcId.me()
+    dead = runs_root() / "dead-run"
+    (dead / "procs").mkdir(parents=True)
+    (dead / "owner.json").write_text(json.dumps({"pid": me.pid, "start": me.start + 1}))
+    monkeypatch.delenv(RUN_ENV, raising=False)
+    live = current_run()
+    stray = _sleeper(f"--config={dead / 'p0' / 'server.conf'}")
+    neighbour = _sleeper(str(dead) + "-not-this-run")          # a prefix of the path is not the path
+    keep = _sleeper(str(live.workdir / "p0" / "disk.raw"))
+    try:
+        assert wait_until(lambda: {p.pid for p in processes_naming([dead])} == {stray.pid})
+        with monkeypatch.context() as m:
+            m.setattr(runs, "kill_process", lambda proc, grace=2.0: False)
+            m.setattr(runs, "kill_group", lambda pgid, start, grace=2.0: 0)
+            report = sweep_stale()
+        assert report.kept == ["dead-run"] and dead.is_dir() and stray.poll() is None
+        report = sweep_stale()
+        assert "dead-run" in report.runs and report.processes >= 1
+        assert _gone(stray) and not dead.exists()
+        assert neighbour.poll() is None and keep.poll() is None
+    finally:
+        for p in (stray, neighbour, keep):
+            p.kill()
+            p.wait(timeout=10)
+    cleanup_run(live)
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+WORKER_CHILD = r"""
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from fixtures.exports import ExportRequest
+from fixtures.launch import start_server
+from fixtures.peerspec import PeerSpec
+from fixtures.runs import current_run, register_worker
+run = current_run()
+name = sys.argv[2]
+wd = run.workdir / name
+register_worker(run, name, wd)
+spec = PeerSpec(id="nbdref-local", implementation="nbdref", role="server", version="0", launcher="local",
+                persona="nbdref")
+server = start_server(spec, ExportRequest(size=1 << 20), workdir=wd / "p0")
+# what nobody recorded: only its command line ties it to this worker
+stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(wd / "stray")],
+                         start_new_session=True)
+print(json.dumps({"peer": server.handle.pid, "stray": stray.pid}), flush=True)
+time.sleep(60)
+"""
+
+
+def _start_worker(script: Path, run_id: str, name: str) -> tuple[subprocess.Popen[str], dict]:
+    env = {**os.environ, RUN_ENV: run_id}
+    proc = subprocess.Popen([sys.executable, str(script), str(ROOT), name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        pytest.fail(f"worker {name} did not start its peer: {proc.stderr.read()[-2000:] if ready else 'timeout'}")
+    return proc, json.loads(line)
+
+
+def test_sweep_worker_removes_a_dead_workers_peers_while_the_run_goes_on(
+        state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fixtures.runs import sweep_worker
+
+    monkeypatch.delenv(RUN_ENV, raising=False)
+    run = current_run()                      # this test is the controller: the owner, alive throughout
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_CHILD)
+    victim, v = _start_worker(script, run.run_id, "gw9")
+    survivor, s = _start_worker(script, run.run_id, "gw8")
+    try:
+        assert not sweep_worker(run, "gw9"), "a live worker is left alone"
+        assert all(proc_start_time(p) for p in (v["peer"], v["stray"]))
+        victim.kill()
+        victim.wait(timeout=10)
+        report = sweep_worker(run, "gw9", wait=5.0)
+        assert report.processes >= 2, report
+        assert wait_until(lambda: not any(proc_start_time(p) for p in (v["peer"], v["stray"])), 5)
+        assert all(proc_start_time(p) for p in (s["peer"], s["stray"])), "the live worker's peers stay"
+        assert run.workdir.is_dir()
+        sweep_stale()                        # any later sweep agrees: the live run and worker stay
+        assert all(proc_start_time(p) for p in (s["peer"], s["stray"])) and run.workdir.is_dir()
+    finally:
+        for proc in (victim, survivor):
+            proc.kill()
+            proc.wait(timeout=10)
+    cleanup_run(run)
+    assert not any(proc_start_time(p) for p in (s["peer"], s["stray"]))
+    assert not run.workdir.exists()
+
+
+def test_a_daemon_is_recorded_while_it_starts(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forking server is recorded as soon as its pid file names it, before it is ready (here: never),
+    so a SIGKILL during start-up leaves nothing a sweep cannot find; a failed start stops it."""
+    import threading
+
+    from fixtures.exports import ExportRequest
+    from fixtures.launchers.base import PeerStartError
+    from fixtures.launchers.local import start_local
+    from fixtures.peers.base import ServerContext, ServerPlan
+    from fixtures.peerspec import PeerSpec
+
+    monkeypatch.delenv(RUN_ENV, raising=False)
+    run = current_run()
+    wd = run.workdir / "d"
+    wd.mkdir()
+    pidfile = wd / "fake.pid"
+    # like nbd-server: the foreground process exits, the daemon (own session) writes its pid file
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' </dev/null >/dev/null 2>&1 &"
+    plan = ServerPlan(argv=["sh", "-c", script], daemonizes=True, pidfile=pidfile)
+    spec = PeerSpec(id="fake-daemon", implementation="custom", role="server", version="0", launcher="local")
+    ctx = ServerContext(spec=spec, export=ExportRequest(size=4096), disk=wd / "disk", workdir=wd,
+                        transport="unix", socket=wd / "nbd.sock", port=None)
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not seen:
+            for rec in run.procs_dir.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    data = json.loads(rec.read_text())
+                    if data["name"].endswith("(daemon)"):
+                        seen.append(data)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(PeerStartError, match="no NBDMAGIC"):
+            start_local(ctx, plan, uri="nbd+unix:///", log_path=wd / "log", versions={}, timeout=1.5)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    assert seen, "the daemon was not recorded during start-up"
+    assert seen[0]["pid"] == int(pidfile.read_text())
+    assert not ProcId(seen[0]["pid"], seen[0]["start"]).alive(), "the failed start stops the daemon"
+    assert not list(run.procs_dir.glob("*.json")), "and forgets it"
+    cleanup_run(run)
