@@ -9,7 +9,6 @@ import pytest
 from nbdref import requirements
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "spec" / "requirements.yaml"
 AREAS = "GEN|HS|OLD|OPT|DISC|SR|CMD|FLUSH|FUA|MC|TLS|BSZ|BS|RD|WR|GO|TRIM|CACHE|WZ|ERR|INTEROP|EXT|URI"
 ID = re.compile(rf"\b(?:{AREAS})-\d{{3}}\b")
 
@@ -40,9 +39,3 @@ def test_ids_used_in_code_exist():
     assert found, "the id pattern found nothing: the scan itself is broken"
     unknown = {i: where[:3] for i, where in found.items() if not requirements.exists(i)}
     assert not unknown, f"ids not in requirements.yaml: {unknown}"
-
-
-def test_vendored_copy_is_current():
-    if not SHARED.exists():
-        pytest.skip(f"{SHARED} not present: nothing to compare the vendored copy with")
-    assert requirements.CATALOGUE.read_bytes() == SHARED.read_bytes()

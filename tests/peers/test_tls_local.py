@@ -27,7 +27,8 @@ def material(tmp_path_factory: pytest.TempPathFactory):
 
 
 CASES = [("qemu-nbd", "x509", True), ("qemu-nbd", "psk", False), ("qemu-storage-daemon", "x509", False),
-         ("nbdkit", "x509", True), ("nbdkit", "psk", False), ("nbd-server", "x509", False)]
+         ("nbdkit", "x509", True), ("nbdkit", "psk", False), ("nbd-server", "x509", False),
+         ("nbd-server", "x509", True)]
 
 
 @pytest.mark.parametrize(("impl", "kind", "verify"), CASES, ids=[f"{i}-{k}{'-verify' if v else ''}" for i, k, v in CASES])

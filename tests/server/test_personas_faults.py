@@ -11,7 +11,7 @@ from nbdref import faults, personas
 from nbdref._constants import Magic, ReplyFlag, ReplyType
 from nbdref.faults import ReplyContext
 
-TIMELINE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "spec" / "timeline.yaml"
+TIMELINE = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "data" / "timeline.yaml"   # vendored copy
 
 REQUIRED = ["qemu-2.6", "qemu-2.8", "qemu-2.10", "qemu-2.11", "qemu-2.12", "qemu-3.0", "qemu-4.2", "qemu-5.2",
             "qemu-7.2", "qemu-8.2", "qemu-10.0", "nbdkit-1.24", "nbdkit-1.32", "nbd-server-3.24", "nbdref"]

@@ -1,0 +1,85 @@
+"""Transmission: each advertised command succeeds on a writable export and does what it says.
+
+Whether a command is advertised is judged against the timeline *and* the peer's configuration
+(fixtures/expectations.py): nbd-server advertises FLUSH, FUA and TRIM only when configured to.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from nbdref._constants import TxFlag
+from nbdref.client import ClientError, CmdFlag
+
+from suites.server._common import REGION
+
+SECTION = "Transmission: request types"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    flag: TxFlag                         # what advertises it
+    feature: str | None                  # timeline feature (None: always present)
+    run: Callable[..., None]             # do it on the region at the offset, and check the outcome
+
+
+def _write(c, offset: int, flags: int = 0) -> None:
+    data = secrets.token_bytes(REGION)
+    c.pwrite(data, offset, flags)
+    assert c.pread(REGION, offset) == data, "read back differs from what was written"
+
+
+def _zero(c, offset: int, flags: int = 0) -> None:
+    c.pwrite(b"\xff" * REGION, offset)
+    try:
+        c.zero(REGION, offset, flags)
+    except ClientError as e:
+        # FAST_ZERO: "if zeroing cannot be faster than an equivalent write the server must fail quickly
+        # with NBD_ENOTSUP" (WZ-008): that failure is a correct answer, and nothing was zeroed.
+        if flags & CmdFlag.FAST_ZERO and e.errno == errno.ENOTSUP:
+            return
+        raise
+    assert c.pread(REGION, offset) == bytes(REGION), "zeroed range does not read back as zeroes"
+
+
+def _trim(c, offset: int) -> None:
+    # "The server may discard the trimmed range but is not required to" (TRIM-001): only success counts.
+    c.trim(REGION, offset)
+
+
+COMMANDS = [
+    Command("WRITE", TxFlag.HAS_FLAGS, None, _write),
+    Command("WRITE+FUA", TxFlag.SEND_FUA, "NBD_CMD_FLAG_FUA", lambda c, o: _write(c, o, CmdFlag.FUA)),
+    Command("FLUSH", TxFlag.SEND_FLUSH, "NBD_CMD_FLUSH", lambda c, o: (_write(c, o), c.flush())[0]),
+    Command("TRIM", TxFlag.SEND_TRIM, "NBD_CMD_TRIM", _trim),
+    Command("WRITE_ZEROES", TxFlag.SEND_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES", _zero),
+    Command("WRITE_ZEROES+NO_HOLE", TxFlag.SEND_WRITE_ZEROES, "NBD_CMD_FLAG_NO_HOLE",
+            lambda c, o: _zero(c, o, CmdFlag.NO_HOLE)),
+    Command("WRITE_ZEROES+FAST_ZERO", TxFlag.SEND_FAST_ZERO, "NBD_CMD_FLAG_FAST_ZERO",
+            lambda c, o: _zero(c, o, CmdFlag.FAST_ZERO)),
+    Command("CACHE", TxFlag.SEND_CACHE, "NBD_CMD_CACHE", lambda c, o: c.cache(REGION, o)),
+]
+
+
+# Each advertised command succeeds on a writable export and does what it says; a flag the server
+# advertised "MUST" be accepted (FUA-002, WZ-007 for NO_HOLE, CACHE-006).  READ+DF: test_read_df.
+@pytest.mark.req("WR-005", "FUA-002", "FLUSH-002", "WZ-007", "WZ-008", "CACHE-003", "TRIM-001")
+@pytest.mark.feature("NBD_CMD_WRITE_ZEROES")
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[cmd.name for cmd in COMMANDS])
+def test_advertised_command(server_peer, writable_server, writable_export, region, ref_client, verdict, index):
+    """The command is advertised as the timeline and configuration expect, and works when it is."""
+    command = COMMANDS[index]
+    c = ref_client(writable_server)
+    advertised = bool(c.get_transmission_flags() & command.flag)
+    if command.feature:
+        verdict.timeline(command.feature, advertised, export=writable_export)
+    if not advertised:
+        if not command.feature:
+            verdict.fail("WR-005", expected="NBD_FLAG_HAS_FLAGS", observed="not set")
+        return
+    command.run(c, region(REGION))
