@@ -32,12 +32,19 @@ def extended_headers(watch: ServerWatch) -> bool:
                for r in watch.records() for e in r.transcript if e.direction == "S")
 
 
-def server_bytes(server: Any, offset: int, length: int) -> bytes:
-    """What the reference server now holds, read through a fresh strict reference client."""
-    from nbdref.client import Client
-    with Client(timeout=10) as c:
-        c.connect_uri(server.uri)
-        return bytes(c.pread(length, offset))
+def server_bytes(server: Any, offset: int, length: int, watch: ServerWatch) -> bytes:
+    """What the reference server now holds, read through a fresh strict reference client: the
+    harness's own connection, left out of `watch` (it is not the client peer's); a failure here is ours."""
+    from nbdref.client import Client, ClientError
+
+    from fixtures.judging import HarnessError
+    with watch.harness_connections():
+        try:
+            with Client(timeout=10) as c:
+                c.connect_uri(server.uri)
+                return bytes(c.pread(length, offset))
+        except (ClientError, OSError) as e:
+            raise HarnessError(f"reading back from the reference server failed: {type(e).__name__}: {e}") from e
 
 
 def ok(result: Any) -> Any:

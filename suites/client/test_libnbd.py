@@ -71,8 +71,8 @@ def test_nbdsh_commands(client_peer, tool, client_runner, reference_server, refe
     out = json.loads(ok(client_runner.run(argv, TOOL_TIMEOUT)).stdout.strip().splitlines()[-1])
     assert out["read"] == (b"\x77" * 16).hex()
     assert [ctx for ctx, _ in out["block_status"]] == ["base:allocation"]
-    assert server_bytes(reference_server, w + 4096, 16) == b"\x66" * 16
-    assert server_bytes(reference_server, z, REGION) == bytes(REGION)
+    assert server_bytes(reference_server, w + 4096, 16, reference_session) == b"\x66" * 16
+    assert server_bytes(reference_server, z, REGION, reference_session) == bytes(REGION)
     if out["extended"] is not None:
         assert bool(out["extended"]) == extended_headers(reference_session)
     verdict.info(f"nbdsh: extended headers {out['extended']}, structured replies {out['structured']}")
@@ -86,7 +86,7 @@ def test_nbdcopy_round_trip(client_peer, tool, client_runner, reference_server, 
     src = Path(reference_server.workdir) / f"src-{client_peer.id.replace('@', '-')}.raw"
     # The whole export is rewritten with its own content (pattern), so other tests' expectations hold
     # except in the regions they wrote; nbdcopy is told to copy exactly the export's size.
-    src.write_bytes(server_bytes(reference_server, 0, reference_export.size))
+    src.write_bytes(server_bytes(reference_server, 0, reference_export.size, reference_session))
     ok(client_runner.run(client_runner.tool_argv("nbdcopy", reference_server, str(src), "{uri}"), TOOL_TIMEOUT))
     back = Path(reference_server.workdir) / f"back-{client_peer.id.replace('@', '-')}.raw"
     ok(client_runner.run(client_runner.tool_argv("nbdcopy", reference_server, "{uri}", str(back)), TOOL_TIMEOUT))

@@ -46,7 +46,7 @@ def test_qemu_zero_discard_flush(client_peer, tool, client_runner, reference_ser
     argv = client_runner.tool_argv("qemu-io", reference_server, *(a for c in cmds for a in ("-c", c)), read_only=False)
     result = ok(client_runner.run(argv, TOOL_TIMEOUT))
     assert "failed" not in result.stdout, result.stdout
-    assert server_bytes(reference_server, z, REGION) == bytes(REGION)
+    assert server_bytes(reference_server, z, REGION, reference_session) == bytes(REGION)
 
 
 # Known: qemu >= 8.2 sends extended WRITEs without PAYLOAD_LEN (suites/baseline.yaml).
@@ -60,8 +60,8 @@ def test_qemu_write(client_peer, tool, client_runner, reference_server, referenc
     argv = client_runner.tool_argv("qemu-io", reference_server, *(a for c in cmds for a in ("-c", c)), read_only=False)
     result = ok(client_runner.run(argv, TOOL_TIMEOUT))
     assert "failed" not in result.stdout, result.stdout
-    assert server_bytes(reference_server, w, 4096) == b"\xa5" * 4096
-    assert server_bytes(reference_server, w + 4096, 4096) == b"\x3c" * 4096
+    assert server_bytes(reference_server, w, 4096, reference_session) == b"\xa5" * 4096
+    assert server_bytes(reference_server, w + 4096, 4096, reference_session) == b"\x3c" * 4096
 
 
 # qemu-img map asks NBD_CMD_BLOCK_STATUS for base:allocation: "A client must not send

@@ -18,6 +18,7 @@ import pytest
 from nbdref.server import Export, Server, TLSConfig
 
 from fixtures.exports import ExportRequest, expected_bytes, materialize
+from fixtures.judging import HarnessError
 from fixtures.launch import ClientRunner, export_workdir, make_uri
 from fixtures.launchers.base import RunningServer
 from fixtures.matrix import client_tools
@@ -26,6 +27,7 @@ from fixtures.peers.qemu_clients import parse_read_dump
 from fixtures.peers.qemu_nbd import TLS_OVER_UNIX_SINCE
 from fixtures.peerspec import PeerSpec
 from fixtures.timeline import parse_version
+from fixtures.verdicts import Verdict
 from suites.client._common import TOOL_TIMEOUT, tool_fixture
 
 SECTION = "TLS support"
@@ -164,7 +166,9 @@ class Session:
     def records(self) -> list[Any]:
         records = [r for s in self.ref.servers() for r in list(s.records)[self.first[id(s)]:]]
         for record in records:
-            assert record.wait(15), f"{self.peer.id}: a connection did not end: {record.reason}"
+            if not record.wait(15):
+                raise HarnessError(f"{self.peer.id}: connection {record.id} of the reference server did not end "
+                                   f"within 15 s ({record.reason or 'still open'})")
         return records
 
     def reasons(self) -> list[str]:
@@ -262,14 +266,18 @@ def test_nbdinfo_tls(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: s
                                "URI parameter, and nbdinfo takes only a URI: it cannot present a client certificate")
     argv = client_runner.tool_argv("nbdinfo", server, "--json")
     result = client_runner.run(argv, TOOL_TIMEOUT)
-    if result.rc == SIGPIPE_EXIT and all("NBD_CMD_DISC" in r.reason for r in session.records()):
+    records = session.records()
+    if result.rc == SIGPIPE_EXIT and records and all("NBD_CMD_DISC" in r.reason for r in records):
         # Seen with nbdinfo 1.6 under -n 2 load (not when run alone): killed by SIGPIPE after it sent
         # NBD_CMD_DISC and before printing anything.  The server had served it and closed the TLS session
         # (close_notify, then close) as proto.md asks on NBD_CMD_DISC; the client then writes its own
         # TLS close to a closed socket without ignoring SIGPIPE.  A client robustness race, no protocol
         # breach: reported, then the same command is rerun with SIGPIPE ignored (the NBD traffic is
         # unchanged) so the TLS exchange is still judged.
-        verdict.info("nbdinfo exit: killed by SIGPIPE after NBD_CMD_DISC (rerun with SIGPIPE ignored)")
+        # Reported as non-strict: no protocol rule names it, but users see nbdinfo fail (exit 141).
+        verdict.add(Verdict.NON_STRICT, expected="nbdinfo exits 0 after a clean NBD_CMD_DISC",
+                    observed="killed by SIGPIPE after NBD_CMD_DISC (the TLS exchange was judged on a rerun with "
+                             "SIGPIPE ignored)")
         result = client_runner.run(["sh", "-c", "trap '' PIPE; exec \"$@\"", "sh", *argv], TOOL_TIMEOUT)
     info = json.loads(ok(result, session).stdout)
     assert info["TLS"] is True
@@ -281,11 +289,14 @@ def test_nbdinfo_tls(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: s
 # terminate the session" binds the server; for the client: "If the TLS handshake fails (e.g. server
 # certificate does not validate) the client must terminate the session" (TLS-039).  The client is given
 # a CA directory that did not sign the server's certificate; it must not reach transmission.
-@pytest.mark.req("TLS-039", "TLS-031")
+@pytest.mark.req("TLS-039")
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_client_rejects_untrusted_server(client_runner: ClientRunner, tool: str, untrusted_reference: Reference,
                                          verdict: Any, client_peer: PeerSpec,
                                          transport: str) -> None:
+    """A client given another CA refuses the server: it never reaches transmission."""
+    if "x509" not in client_peer.tls:
+        verdict.not_applicable(f"the matrix row lists tls {list(client_peer.tls)}, not x509")
     reference = untrusted_reference
     session = Session(reference, client_peer)
     server = reference.unix_view if transport == "unix" else reference.tcp_view
@@ -301,9 +312,18 @@ def test_client_rejects_untrusted_server(client_runner: ClientRunner, tool: str,
     else:
         argv = nbdsh_tls_argv(untrusted, libnbd, "print(h.pread(512, 0).hex())")
     result = client_runner.run(argv, TOOL_TIMEOUT)
-    served = sum(r.requests for r in session.records())
+    records = session.records()
+    served = sum(r.requests for r in records)
     # SECURITY: a client that reads from a server whose certificate its CA did not sign (libnbd before
     # 1.18.5 over Unix sockets: CVE-2024-7383) is a failure, listed as such in suites/baseline.yaml.
-    verdict.info(f"untrusted server certificate ({transport}): {'ACCEPTED' if result.ok or served else 'refused'}")
-    assert not result.ok and not served, \
-        f"SECURITY: read from a server whose certificate does not chain to the given CA (TLS-039), over {transport}"
+    if result.ok or served:
+        verdict.fail("TLS-039", expected="the client ends the session when the server's certificate does not "
+                     "validate", observed=f"SECURITY: read from a server whose certificate does not chain to the "
+                     f"given CA, over {transport} ({served} request(s) served)")
+        return
+    # A refusal counts only if the client really got to the handshake: a tool that did not start, hung,
+    # or never connected says nothing about certificates.
+    if result.timed_out or result.rc in (126, 127) or not records:
+        raise HarnessError(f"the client never reached the TLS handshake (exit {result.rc}, timed out "
+                           f"{result.timed_out}, {len(records)} connection(s)): {result.stderr[-300:]}")
+    verdict.info(f"untrusted server certificate ({transport}): refused")

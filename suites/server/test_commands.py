@@ -26,6 +26,7 @@ class Command:
     flag: TxFlag                         # what advertises it
     feature: str | None                  # timeline feature (None: always present)
     run: Callable[..., None]             # do it on the region at the offset, and check the outcome
+    reqs: tuple[str, ...] = ()           # ids this command's run observes of the server
 
 
 def _write(c, offset: int, flags: int = 0) -> None:
@@ -53,24 +54,32 @@ def _trim(c, offset: int) -> None:
 
 
 COMMANDS = [
-    Command("WRITE", TxFlag.HAS_FLAGS, None, _write),
-    Command("WRITE+FUA", TxFlag.SEND_FUA, "NBD_CMD_FLAG_FUA", lambda c, o: _write(c, o, CmdFlag.FUA)),
-    Command("FLUSH", TxFlag.SEND_FLUSH, "NBD_CMD_FLUSH", lambda c, o: (_write(c, o), c.flush())[0]),
-    Command("TRIM", TxFlag.SEND_TRIM, "NBD_CMD_TRIM", _trim),
-    Command("WRITE_ZEROES", TxFlag.SEND_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES", _zero),
+    # "The server must write the data before sending the reply" (WR-005), seen by reading back; a flag
+    # the server advertised must be accepted: FUA (FUA-002), NO_HOLE (WZ-007); WRITE_ZEROES "must zero the
+    # range before sending the reply" (WZ-012) and it "must read back as zeroes" (WZ-017); FAST_ZERO
+    # zeroes or fails fast with NBD_ENOTSUP (WZ-008/022); FLUSH (FLUSH-002); CACHE changes no later read
+    # (CACHE-003).  TRIM only has to succeed ("may discard", a MAY): its marker is HAS_FLAGS (CMD-009),
+    # which every connection checks.
+    Command("WRITE", TxFlag.HAS_FLAGS, None, _write, ("WR-005",)),
+    Command("WRITE+FUA", TxFlag.SEND_FUA, "NBD_CMD_FLAG_FUA", lambda c, o: _write(c, o, CmdFlag.FUA),
+            ("WR-005", "FUA-002")),
+    Command("FLUSH", TxFlag.SEND_FLUSH, "NBD_CMD_FLUSH", lambda c, o: (_write(c, o), c.flush())[0],
+            ("FLUSH-002",)),
+    Command("TRIM", TxFlag.SEND_TRIM, "NBD_CMD_TRIM", _trim, ("CMD-009",)),
+    Command("WRITE_ZEROES", TxFlag.SEND_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES", _zero, ("WZ-012", "WZ-017")),
     Command("WRITE_ZEROES+NO_HOLE", TxFlag.SEND_WRITE_ZEROES, "NBD_CMD_FLAG_NO_HOLE",
-            lambda c, o: _zero(c, o, CmdFlag.NO_HOLE)),
+            lambda c, o: _zero(c, o, CmdFlag.NO_HOLE), ("WZ-007", "WZ-012")),
     Command("WRITE_ZEROES+FAST_ZERO", TxFlag.SEND_FAST_ZERO, "NBD_CMD_FLAG_FAST_ZERO",
-            lambda c, o: _zero(c, o, CmdFlag.FAST_ZERO)),
-    Command("CACHE", TxFlag.SEND_CACHE, "NBD_CMD_CACHE", lambda c, o: c.cache(REGION, o)),
+            lambda c, o: _zero(c, o, CmdFlag.FAST_ZERO), ("WZ-008", "WZ-022")),
+    Command("CACHE", TxFlag.SEND_CACHE, "NBD_CMD_CACHE", lambda c, o: c.cache(REGION, o), ("CACHE-003",)),
 ]
 
 
 # Each advertised command succeeds on a writable export and does what it says; a flag the server
 # advertised "MUST" be accepted (FUA-002, WZ-007 for NO_HOLE, CACHE-006).  READ+DF: test_read_df.
-@pytest.mark.req("WR-005", "FUA-002", "FLUSH-002", "WZ-007", "WZ-008", "CACHE-003", "TRIM-001")
-@pytest.mark.feature("NBD_CMD_WRITE_ZEROES")
-@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[cmd.name for cmd in COMMANDS])
+@pytest.mark.parametrize("index", [pytest.param(i, id=cmd.name, marks=[pytest.mark.req(*cmd.reqs)] +
+                                                 ([pytest.mark.feature(cmd.feature)] if cmd.feature else []))
+                                   for i, cmd in enumerate(COMMANDS)])
 def test_advertised_command(server_peer, writable_server, writable_export, region, ref_client, verdict, index):
     """The command is advertised as the timeline and configuration expect, and works when it is."""
     command = COMMANDS[index]
@@ -80,6 +89,6 @@ def test_advertised_command(server_peer, writable_server, writable_export, regio
         verdict.timeline(command.feature, advertised, export=writable_export)
     if not advertised:
         if not command.feature:
-            verdict.fail("WR-005", expected="NBD_FLAG_HAS_FLAGS", observed="not set")
+            verdict.fail("CMD-009", expected="NBD_FLAG_HAS_FLAGS", observed="not set")
         return
     command.run(c, region(REGION))

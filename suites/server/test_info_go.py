@@ -8,8 +8,9 @@ is `unsupported-ok`, a refusal by a version that has GO is `missing`.
 from __future__ import annotations
 
 import pytest
-from nbdref._constants import Opt, TxFlag
+from nbdref._constants import Opt, Rep, TxFlag
 from nbdref._strict import Strictness
+from nbdref.client import ClientError
 
 from fixtures.exports import expected_bytes
 from suites.server._common import acked, flag_names
@@ -32,7 +33,7 @@ def test_go_with_info_replies(server_peer, writable_server, writable_export, ref
     name = c.get_canonical_export_name()
     try:
         description: str | None = c.get_export_description()
-    except Exception:
+    except ClientError:                 # no NBD_INFO_DESCRIPTION: allowed (a server MAY omit it)
         description = None
     verdict.info(f"protocol {c.get_protocol()}; block sizes {sizes if any(sizes) else 'none'}; "
                  f"name {name!r}; description {description!r}; flags {flag_names(c.get_transmission_flags())}")
@@ -67,13 +68,18 @@ def test_info_then_go(server_peer, shared_server, shared_export, ref_client, ver
     c = ref_client(shared_server, opt_mode=True, strictness=Strictness.lenient(), allow=("GO-022",))
     try:
         c.opt_info()
-        has_info = True
-    except Exception as e:
-        has_info = False
-        refused = e
-    if verdict.timeline("NBD_OPT_INFO", has_info, export=shared_export) != "pass" and not has_info:
-        verdict.info(f"NBD_OPT_INFO refused: {refused}")
+    except ClientError as e:
+        # Only NBD_REP_ERR_UNSUP says "not supported" (judged by the timeline); a connection lost or
+        # another error reply to NBD_OPT_INFO on an export the server serves is no refusal of the option.
+        if e.reply is None:
+            raise
+        if getattr(e.reply, "reply_type", None) == Rep.ERR_UNSUP:
+            verdict.timeline("NBD_OPT_INFO", False, export=shared_export, how=str(e))
+            return
+        verdict.fail("GO-012", expected="NBD_INFO_EXPORT and NBD_REP_ACK for the export the server serves",
+                     observed=f"NBD_OPT_INFO refused: {e}")
         return
+    verdict.timeline("NBD_OPT_INFO", True, export=shared_export)
     info = (c.get_size(), c.get_transmission_flags())
     c.opt_go()
     go = (c.get_size(), c.get_transmission_flags())
@@ -93,11 +99,18 @@ def test_info_then_go(server_peer, shared_server, shared_export, ref_client, ver
 @pytest.mark.feature("NBD_FLAG_BLOCK_STATUS_PAYLOAD")
 def test_info_reply_may_offer_block_status_payload(server_peer, shared_server, ref_client, verdict):
     """An NBD_OPT_INFO reply may carry NBD_FLAG_BLOCK_STATUS_PAYLOAD without meta contexts."""
+    from fixtures.expectations import expected
+    before = expected("NBD_OPT_INFO", server_peer)
+    if before.answer == "no":
+        verdict.not_applicable(f"this version predates NBD_OPT_INFO ({before.reason})")
     c = ref_client(shared_server, opt_mode=True, strictness=Strictness.lenient())
     try:
         c.opt_info()
-    except Exception as e:
-        verdict.not_applicable(f"NBD_OPT_INFO refused ({e}): nothing to judge here (test_info_then_go judges it)")
+    except ClientError as e:       # a refusal is judged (missing or not) by test_info_then_go
+        if e.reply is None:
+            raise
+        verdict.info(f"NBD_OPT_INFO refused: {e}", only=True)
+        return
     offered = bool(c.get_transmission_flags() & TxFlag.BLOCK_STATUS_PAYLOAD)
     verdict.info(f"NBD_OPT_INFO reply {'sets' if offered else 'does not set'} NBD_FLAG_BLOCK_STATUS_PAYLOAD",
                  only=True)

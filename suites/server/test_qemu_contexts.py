@@ -77,7 +77,7 @@ def test_contexts_negotiated(server_peer, connected, verdict):
 
 # The contexts describe the image: an untouched cluster of an empty qcow2 is a hole reading as zeroes,
 # unallocated at every depth and clean; after a WRITE it is data, allocated locally and dirty.
-@pytest.mark.req("BS-002", "BS-019")
+@pytest.mark.req("BS-002")
 @pytest.mark.feature("qemu:allocation-depth")
 def test_contexts_follow_a_write(server_peer, connected, verdict):
     """An untouched cluster is a clean hole; after a WRITE it is data, allocated and dirty."""
@@ -120,7 +120,7 @@ def filtered_status(c: Client, wanted: str, offset: int) -> dict[str, list[int]]
 # informs the server to limit its replies to the metacontext id(s) in the client's request payload"; the
 # payload "MUST occupy 8 + n*4 bytes" (EXT-056): effect length, then the ids.  One id asked, one answered;
 # the core's BS-056 wants a chunk for exactly the ids of the payload (test_core_accepts_filtered_block_status).
-@pytest.mark.req("EXT-011", "EXT-013", "EXT-056")
+@pytest.mark.req("EXT-011")
 @pytest.mark.feature("NBD_FLAG_BLOCK_STATUS_PAYLOAD")
 def test_block_status_payload_filter(server_peer, connected, verdict):
     """The payload form of NBD_CMD_BLOCK_STATUS answers only the context asked for."""
@@ -141,7 +141,7 @@ def test_block_status_payload_filter(server_peer, connected, verdict):
 # Three contexts negotiated, one asked in the payload: "informs the server to limit its replies to the
 # metacontext id(s) in the client's request payload", so one chunk is a complete successful reply and the
 # core records nothing (BS-056 counts the ids of the payload, not every negotiated context).
-@pytest.mark.req("BS-056", "EXT-056")
+@pytest.mark.req("BS-056")
 @pytest.mark.feature("NBD_FLAG_BLOCK_STATUS_PAYLOAD")
 def test_filtered_block_status_is_complete(server_peer, connected, verdict):
     """One chunk for the one id asked in the payload is a complete reply (nothing recorded)."""

@@ -60,7 +60,7 @@ def test_read_df(server_peer, shared_server, shared_export, ref_client, verdict)
 
 # Several requests in flight, answered in any order and matched by cookie: "A structured reply may span
 # several chunks sharing one cookie" (SR-009); the core pairs every reply with its request.
-@pytest.mark.req("SR-009", "RD-007")
+@pytest.mark.req("RD-007")
 @pytest.mark.feature("NBD_OPT_STRUCTURED_REPLY")
 def test_requests_in_flight(server_peer, shared_server, shared_export, ref_client):
     """Eight reads in flight at once all come back right."""
