@@ -32,12 +32,11 @@ from contextlib import suppress
 from nbdref import NEED_DATA, ClientConnection, Cmd, Transcript
 from nbdref import _wire as w
 from nbdref import events as ev
-from nbdref._constants import ClientFlag, HandshakeFlag, Info
+from nbdref._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, HandshakeFlag, Info
 from nbdref.client import Client
 
 MiB = 1 << 20
 TIMEOUT = 30.0
-DEFAULT_MAX_PAYLOAD = 1 << 25  # proto.md: the maximum payload when none is advertised
 
 
 def _status_kib(pid: int, field: str) -> int:

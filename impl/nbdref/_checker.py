@@ -19,11 +19,11 @@ from ._constants import (
 )
 from ._errors import LocalProtocolError, RemoteProtocolError, Violation
 from ._state import State
+from .requirements import MANDATORY_LEVELS
 
 _KNOWN_CMDS = frozenset(int(c) for c in Cmd)
 _KNOWN_REPLY_TYPES = frozenset(int(t) for t in ReplyType)
 _DATA_CAP = 64  # bytes of offending data kept in a Violation
-_MANDATORY = frozenset({"MUST", "MUST NOT"})
 
 
 def _power_of_two(n: int) -> bool:
@@ -99,7 +99,7 @@ class Checker:
         r = _req.get(req_id)
         ours = self._sender is self.role
         if not self.strictness.enabled(req_id):
-            if ours and r.level in _MANDATORY:
+            if ours and r.level in MANDATORY_LEVELS:
                 self.local_breach = True
             return True
         v = Violation(
@@ -111,10 +111,11 @@ class Checker:
             direction=self._sender.value,
         )
         if ours:
-            # Our own breach: refused when its level is fatal, otherwise only noted (a SHOULD we skip).
-            if self.strictness.check_local and self.strictness.is_fatal(v.level):
+            # Our own breach: refused when its level is fatal (or its id is in ``refuse``), otherwise
+            # only noted (a SHOULD we skip).
+            if self.strictness.refuses(req_id, v.level):
                 raise LocalProtocolError(f"{req_id}: {message}", violation=v)
-            if r.level in _MANDATORY:
+            if r.level in MANDATORY_LEVELS:
                 # Sent on purpose: the peer may now hard-disconnect ("Either party may hard-disconnect on
                 # detecting a violation of a mandatory requirement", DISC-003 / DISC-017), so its EOF
                 # is not held against it.

@@ -2,7 +2,7 @@
 
 Names are the spec's names without the ``NBD_`` / ``NBD_OPT_`` ... prefix, so code reads like the
 spec (``Opt.GO``, ``Rep.ERR_UNSUP``, ``TxFlag.SEND_FUA``). Values come from ``data/constants.yaml``
-(a vendored copy of ``shared/spec/constants.yaml``); ``tests/test_constants.py`` checks every entry
+(the spec catalogue, vendored); ``tests/test_constants.py`` checks every entry
 of that file against this module, so the two cannot drift apart silently.
 """
 

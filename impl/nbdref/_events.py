@@ -10,7 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ._constants import ClientFlag, Cmd, HandshakeFlag, Info, Opt, Rep, ReplyType, TxFlag
+from ._constants import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_MIN_BLOCK,
+    DEFAULT_PREF_BLOCK,
+    ClientFlag,
+    Cmd,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
+    TxFlag,
+)
 
 _ev = dataclass(frozen=True, slots=True, kw_only=True)
 
@@ -202,9 +214,9 @@ class RepInfoDescription(RepInfo):
 @_ev
 class RepInfoBlockSize(RepInfo):
     info_type: ClassVar[int] = Info.BLOCK_SIZE
-    minimum: int = 1
-    preferred: int = 4096
-    maximum: int = 1 << 25
+    minimum: int = DEFAULT_MIN_BLOCK
+    preferred: int = DEFAULT_PREF_BLOCK
+    maximum: int = DEFAULT_MAX_PAYLOAD
 
 
 @_ev

@@ -14,7 +14,9 @@ cookie in whatever order the server answers; `pread` & co. are `aio_*` + `wait`.
 
 Every socket operation has a timeout (`set_timeout`).  What the core found wrong with the server is in
 `violations`; the wire log is `transcript`.  A MUST-level breach raises `RemoteProtocolError` from the
-core (see `set_strict_mode`).
+core.  Which of our own requests the client refuses before sending is libnbd's strict mode
+(`set_strict_mode(Strict...)`, `get_strict_mode()`): each `Strict` flag switches the core's checks of
+the requirement ids in `STRICT_IDS`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,28 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import IntFlag
 from typing import Any
 
 from . import events as ev
-from ._constants import ClientFlag, Cmd, CmdFlag, HandshakeFlag, Info, Rep, TxFlag, cmd_name
-from ._errors import ProtocolError, RemoteProtocolError
+from . import requirements
+from ._constants import (
+    DEFAULT_MAX_PAYLOAD,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    Info,
+    Rep,
+    TxFlag,
+    cmd_name,
+)
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Violation
 from ._sockio import sendmsg_all
 from ._strict import Strictness
 from ._transcript import Transcript
+from ._transmission import CMDFLAG_FLAG_REQ, COMMAND_FLAG_REQ, ZERO_LENGTH_REQ
+from ._wire import nbytes
 from .connection import NEED_DATA, ClientConnection
 from .tls import NbdSSLContext, PskAuthError, client_context, require_psk
 from .uri import Uri, parse_uri
@@ -44,6 +60,7 @@ __all__ = [
     "BLOCK_SIZE_MINIMUM",
     "BLOCK_SIZE_PAYLOAD",
     "BLOCK_SIZE_PREFERRED",
+    "STRICT_IDS",
     "TLS_ALLOW",
     "TLS_DISABLE",
     "TLS_REQUIRE",
@@ -51,6 +68,9 @@ __all__ = [
     "ClientError",
     "CmdFlag",
     "RemoteProtocolError",
+    "Strict",
+    "strict_flags",
+    "strictness_for",
 ]
 
 # libnbd's nbd_set_tls values
@@ -59,8 +79,82 @@ _TLS_NAMES = {"off": TLS_DISABLE, "disable": TLS_DISABLE, "allow": TLS_ALLOW, "r
 # libnbd's nbd_get_block_size values
 BLOCK_SIZE_MINIMUM, BLOCK_SIZE_PREFERRED, BLOCK_SIZE_MAXIMUM, BLOCK_SIZE_PAYLOAD = 0, 1, 2, 3
 _BLOCK_SIZE_NAMES = {"minimum": 0, "preferred": 1, "maximum": 2, "payload": 3}
-# proto.md: "the client SHOULD NOT send a request with a payload larger than 32 MiB" absent a maximum.
-_DEFAULT_MAX_PAYLOAD = 32 << 20
+
+
+class Strict(IntFlag):
+    """libnbd's ``LIBNBD_STRICT_*`` flags (nbd_set_strict_mode), same names, values and meanings: with a
+    flag set the client refuses, before sending, a request of that kind; cleared, it sends the request
+    and leaves the judgement to the server.  Each flag is the set of requirement ids in ``STRICT_IDS``:
+    set, the core refuses a breach of any of them (``Strictness.refuse``, whatever its level); cleared,
+    those ids are in ``Strictness.disabled``.  ``AUTO_FLAG`` (0x40, libnbd >= 1.20) is not offered: the
+    client always sets NBD_CMD_FLAG_PAYLOAD_LEN as extended headers require (EXT-002).
+    """
+
+    COMMANDS = 0x01  # commands and command flags the server did not advertise (NBD_FLAG_SEND_*)
+    FLAGS = 0x02  # command flags not defined, or not documented for that command
+    BOUNDS = 0x04  # requests past the end of the export
+    ZERO_SIZE = 0x08  # zero-length requests
+    ALIGN = 0x10  # offset / length not multiples of the advertised minimum block size
+    PAYLOAD = 0x20  # payloads over the client's payload maximum (get_block_size(BLOCK_SIZE_PAYLOAD))
+    ALL = 0x3F  # every flag above: the default
+
+
+# Which requirement ids each Strict flag switches (the ids are the core's, from its own tables).
+STRICT_IDS: dict[Strict, frozenset[str]] = {
+    # "The client MUST NOT send NBD_CMD_FLUSH unless NBD_FLAG_SEND_FLUSH was set" and the like (CMD-008 and
+    # the per-command ids), BLOCK_STATUS without a selected context (BS-003), the payload form of
+    # BLOCK_STATUS without NBD_FLAG_BLOCK_STATUS_PAYLOAD (EXT-013).  As in libnbd, a flag gated by a
+    # transmission flag (FUA, DF, FAST_ZERO) belongs here, not to FLAGS.
+    Strict.COMMANDS: frozenset({"CMD-008", *COMMAND_FLAG_REQ.values(), *CMDFLAG_FLAG_REQ.values(), "BS-003",
+                                "EXT-013"}),
+    # A flag not documented for the command (CMD-014, unknown bits too), FUA on a command that does not
+    # write (FUA-003), NBD_CMD_FLAG_PAYLOAD_LEN without extended headers (EXT-001).
+    Strict.FLAGS: frozenset({"CMD-014", "FUA-003", "EXT-001"}),
+    # "The client MUST NOT send a request whose offset plus length exceeds the export size" (BSZ-033).
+    Strict.BOUNDS: frozenset({"BSZ-033"}),
+    # "The client SHOULD NOT send a zero-length READ / WRITE / TRIM / WRITE_ZEROES / BLOCK_STATUS".
+    Strict.ZERO_SIZE: frozenset(ZERO_LENGTH_REQ.values()),
+    # "the client MUST use multiples of any advertised minimum block size" (BSZ-031).
+    Strict.ALIGN: frozenset({"BSZ-031"}),
+    # Over the advertised maximum payload (BSZ-025), over 2^25 when none was advertised (BSZ-008).
+    Strict.PAYLOAD: frozenset({"BSZ-025", "BSZ-008"}),
+}
+_STRICT_NAMES = ", ".join(f"{f.name}={f.value:#x}" for f in Strict if f is not Strict.ALL)
+
+
+def strictness_for(flags: Strict | int) -> Strictness:
+    """The core's strictness for a combination of Strict flags (0: `Strictness.lenient()`, as before)."""
+    flags = _check_strict(flags)
+    if not flags:
+        # libnbd's 0 clears every strict flag; ours has always also meant lenient: the server's violations
+        # are recorded, not raised.
+        return Strictness.lenient()
+    disabled: set[str] = set()
+    refuse: set[str] = set()
+    for flag, ids in STRICT_IDS.items():
+        (refuse if flags & flag else disabled).update(ids)
+    return Strictness(disabled=frozenset(disabled), refuse=frozenset(refuse))
+
+
+def strict_flags(strictness: Strictness) -> Strict:
+    """The Strict flags a strictness fully enforces: local checks on, none of the flag's ids disabled, and
+    each of them refused (its level fatal, or the id in ``refuse``)."""
+    if not strictness.check_local:
+        return Strict(0)
+    flags = Strict(0)
+    for flag, ids in STRICT_IDS.items():
+        if all(strictness.enabled(i) and strictness.refuses(i, requirements.level(i)) for i in ids):
+            flags |= flag
+    return flags
+
+
+def _check_strict(flags: object) -> Strict:
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise TypeError(f"strict mode must be Strict flags ({_STRICT_NAMES}) or a Strictness, not {flags!r}")
+    if flags < 0 or flags & ~int(Strict.ALL):  # (~ of an IntFlag would drop the unknown bits)
+        raise ValueError(f"strict mode {flags:#x} is not a combination of the Strict flags {_STRICT_NAMES}")
+    return Strict(flags)
+
 _RECV_CHUNK = 256 * 1024
 # With a READ of at least _BIG_READ bytes in flight, the driver reads reply headers in small pieces so
 # the payload goes straight into the caller's buffer (saves a copy: 256 KiB reads went 1.0 -> 1.7 GiB/s);
@@ -149,7 +243,8 @@ class Client:
     ) -> None:
         """`transcript=False` switches the wire log off (benchmarks); a `Transcript` is used as given;
         by default the log keeps its first and last `TRANSCRIPT_MAX` / 2 entries."""
-        self._strictness = strictness or Strictness()
+        self._strictness = strictness or strictness_for(Strict.ALL)
+        self._strict: tuple[Strictness, Strict] | None = None  # (strictness, its flags), computed on use
         self._transcript = transcript
         self._timeout = timeout
         self._conn: ClientConnection | None = None
@@ -190,16 +285,25 @@ class Client:
         if self._sock is not None:
             self._sock.settimeout(seconds)
 
-    def set_strict_mode(self, strictness: Strictness | int) -> None:
-        """Which of the core's checks apply.  A `Strictness`, or libnbd style: 0 = lenient (record
-        violations, never refuse or raise), any other int = the default (MUST / MUST NOT fatal)."""
+    def set_strict_mode(self, flags: Strict | int | Strictness) -> None:
+        """libnbd's nbd_set_strict_mode: the `Strict` flags of the requests to refuse before sending
+        (default `Strict.ALL`); a cleared flag lets such requests reach the server.  0 is lenient mode:
+        nothing refused, and the server's violations recorded, never raised.  An int that is not a
+        combination of Strict flags raises ValueError (a bool or another type: TypeError).  A
+        `Strictness` configures the core directly (per requirement id)."""
         self._before_connect("set_strict_mode")
-        if isinstance(strictness, Strictness):
-            self._strictness = strictness
-        else:
-            self._strictness = Strictness() if strictness else Strictness.lenient()
+        self._strictness = flags if isinstance(flags, Strictness) else strictness_for(flags)
 
-    def get_strict_mode(self) -> Strictness:
+    def get_strict_mode(self) -> Strict:
+        """libnbd's nbd_get_strict_mode: the Strict flags in effect (a flag counts when all its checks
+        refuse; see `get_strictness` for the whole configuration)."""
+        cached = self._strict
+        if cached is None or cached[0] is not self._strictness:
+            cached = self._strict = (self._strictness, strict_flags(self._strictness))
+        return cached[1]
+
+    def get_strictness(self) -> Strictness:
+        """The core's strictness this client uses (what `set_strict_mode` set)."""
         return self._strictness
 
     def set_export_name(self, name: str) -> None:
@@ -664,7 +768,7 @@ class Client:
         index = _BLOCK_SIZE_NAMES[which] if isinstance(which, str) else int(which)
         sizes = self._info.get("block_size")
         if index == BLOCK_SIZE_PAYLOAD:
-            return min(sizes[2], _DEFAULT_MAX_PAYLOAD) if sizes else _DEFAULT_MAX_PAYLOAD
+            return min(sizes[2], DEFAULT_MAX_PAYLOAD) if sizes else DEFAULT_MAX_PAYLOAD
         return int(sizes[index]) if sizes else 0
 
     def get_structured_replies_negotiated(self) -> bool:
@@ -728,6 +832,8 @@ class Client:
     ) -> int:
         """Send any request without waiting; returns its cookie (see `wait`, `aio_command_completed`)."""
         conn = self._need_ready(cmd_name(command))
+        if payload is not None and Strict.PAYLOAD & self.get_strict_mode():
+            self._check_payload(command, nbytes(payload))
         cookie = conn.next_cookie()  # the core knows what is in flight (CMD-001)
         view = memoryview(buffer).cast("B") if buffer is not None else None
         if payload is not None and conn.extended_headers:
@@ -755,6 +861,22 @@ class Client:
             self._read_targets.pop(cookie, None)
             raise
         return cookie
+
+    def _check_payload(self, command: int, n: int) -> None:
+        """Strict.PAYLOAD: refuse a payload over the client's outgoing maximum, as libnbd does
+        (`get_block_size(BLOCK_SIZE_PAYLOAD)`: the advertised maximum, at most 2^25)."""
+        limit = self.get_block_size(BLOCK_SIZE_PAYLOAD)
+        if n <= limit:
+            return
+        sizes = self._info.get("block_size")
+        # Over an advertised maximum: "A client MUST NOT request a WRITE ... longer than the maximum payload
+        # size" (BSZ-025); otherwise over 2^25: "Absent advertised constraints, a client SHOULD use ...
+        # payloads of at most 2^25 bytes" (BSZ-008).
+        req_id = "BSZ-025" if sizes and n > sizes[2] else "BSZ-008"
+        r = requirements.get(req_id)
+        message = f"{cmd_name(command)} payload of {n} bytes exceeds the payload maximum {limit} (Strict.PAYLOAD)"
+        violation = Violation(req_id=req_id, level=r.level, binds=r.binds, message=message, direction="C")
+        raise LocalProtocolError(f"{req_id}: {message}", violation=violation)
 
     def aio_pread(self, buf: bytearray | memoryview, offset: int, flags: int = 0) -> int:
         """READ into `buf` (len(buf) bytes at `offset`); the data lands in place."""

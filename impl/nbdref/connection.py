@@ -18,8 +18,9 @@ yields ClientFlags, Option subclasses and Request events; answer with RepInfoExp
 SimpleReply / OffsetData / BlockStatus / ... (``send_iov`` keeps a READ payload uncopied).
 After a STARTTLS ACK, next_event() returns StartTLS once; wrap the socket, feed ``trailing_data`` to
 the TLS layer, then call ``tls_established()``. Peer rule breaches land in ``conn.violations``;
-fatal ones raise RemoteProtocolError. Our own illegal sends raise LocalProtocolError unless the
-requirement id is in ``Strictness(disabled=...)`` or ``check_local=False``.
+fatal ones raise RemoteProtocolError. Our own illegal sends raise LocalProtocolError (a breach at a
+fatal level, or of an id in ``Strictness(refuse=...)``) unless the requirement id is in
+``Strictness(disabled=...)`` or ``check_local=False``; other breaches are sent and noted.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ Names accept one numeric parameter after a colon, e.g. ``disconnect-handshake:20
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from . import _wire as w
 from ._constants import Cmd, Err, Magic, ReplyFlag, ReplyType
 
 
@@ -40,7 +40,7 @@ class ReplyContext:
 
 def _simple(ctx: ReplyContext, *, magic: int = Magic.SIMPLE_REPLY, error: int = 0, cookie: int | None = None,
             data: bytes = b"") -> bytes:
-    return struct.pack(">IIQ", magic, error, ctx.cookie if cookie is None else cookie) + data
+    return w.SIMPLE_REPLY.pack(magic, error, ctx.cookie if cookie is None else cookie) + data
 
 
 def _chunk(ctx: ReplyContext, rtype: int, payload: bytes, *, flags: int = ReplyFlag.DONE,
@@ -48,15 +48,15 @@ def _chunk(ctx: ReplyContext, rtype: int, payload: bytes, *, flags: int = ReplyF
     cookie = ctx.cookie if cookie is None else cookie
     length = len(payload) if length is None else length
     if ctx.extended:
-        return struct.pack(">IHHQQQ", magic or Magic.EXTENDED_REPLY, flags, rtype, cookie, ctx.offset,
-                           length) + payload
-    return struct.pack(">IHHQI", magic or Magic.STRUCTURED_REPLY, flags, rtype, cookie, length) + payload
+        return w.EXTENDED_CHUNK.pack(magic or Magic.EXTENDED_REPLY, flags, rtype, cookie, ctx.offset,
+                                     length) + payload
+    return w.STRUCTURED_CHUNK.pack(magic or Magic.STRUCTURED_REPLY, flags, rtype, cookie, length) + payload
 
 
 def _normal_read(ctx: ReplyContext, **kw: object) -> bytes:
     """The correct reply to a READ, with header fields overridden by ``kw``."""
     if ctx.structured or ctx.extended:
-        return _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data, **kw)  # type: ignore[arg-type]
+        return _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data, **kw)  # type: ignore[arg-type]
     return _simple(ctx, data=ctx.data, **kw)  # type: ignore[arg-type]
 
 
@@ -70,19 +70,19 @@ def _unknown_cookie(ctx: ReplyContext) -> bytes:
 
 def _chunk_outside_range(ctx: ReplyContext) -> bytes:
     # proto.md: "The server MUST NOT send [OFFSET_DATA] content chunks that ... lie outside the request".
-    return _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset + ctx.length) + ctx.data)
+    return _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset + ctx.length) + ctx.data)
 
 
 def _overlapping_chunks(ctx: ReplyContext) -> bytes:
     # "The server MUST NOT send content chunks that overlap with any earlier content or error chunk".
     half = max(1, len(ctx.data) // 2)
-    first = _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data, flags=0)
-    again = _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data[:half])
+    first = _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data, flags=0)
+    again = _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data[:half])
     return first + again
 
 
 def _missing_done(ctx: ReplyContext) -> bytes:
-    return _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data, flags=0)
+    return _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data, flags=0)
 
 
 def _oversize_length(ctx: ReplyContext) -> bytes:
@@ -90,24 +90,24 @@ def _oversize_length(ctx: ReplyContext) -> bytes:
     claimed = 8 + ctx.length + (64 << 20)
     if not (ctx.structured or ctx.extended):
         return _simple(ctx, data=ctx.data + bytes(4096))  # simple replies carry no length: send extra
-    return _chunk(ctx, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data, length=claimed)
+    return _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data, length=claimed)
 
 
 def _structured_unnegotiated(ctx: ReplyContext) -> bytes:
     # "the server MUST NOT send structured reply chunks" unless NBD_OPT_STRUCTURED_REPLY was negotiated.
     plain = replace(ctx, extended=False)
-    return _chunk(plain, ReplyType.OFFSET_DATA, struct.pack(">Q", ctx.offset) + ctx.data)
+    return _chunk(plain, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data)
 
 
 def _error_chunk_bad_message_length(ctx: ReplyContext) -> bytes:
     msg = b"injected error"
     # message length field says 200, the chunk holds 14 bytes of message: inconsistent with its length.
-    return _chunk(ctx, ReplyType.ERROR, struct.pack(">IH", Err.EIO, 200) + msg)
+    return _chunk(ctx, ReplyType.ERROR, w.ERROR_HEADER.pack(Err.EIO, 200) + msg)
 
 
 def _error_chunk_zero_error(ctx: ReplyContext) -> bytes:
     # "the error field MUST be nonzero" in NBD_REPLY_TYPE_ERROR.
-    return _chunk(ctx, ReplyType.ERROR, struct.pack(">IH", 0, 0))
+    return _chunk(ctx, ReplyType.ERROR, w.ERROR_HEADER.pack(0, 0))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,21 +1,45 @@
 """What each server version advertised and did: ONE table, read by the reference server.
 
-Sources: ../shared/spec/timeline.yaml (features by first version), qemu-nbd-interop.txt ("Features by
-version"), research/docker-spike.md (what Debian's qemu-nbd / nbdkit / nbd-server sent on this machine)
-and research/older-servers-and-user-asks.md.  A field whose value for that version is *not* documented
-in those sources is still given a value (the server must do something) but is listed in ``unknown``, with
-the reason in ``notes``: a test should not treat such a field as evidence about the real peer.
+Sources: timeline.yaml (features by first version), qemu-nbd-interop.txt (qemu's docs/interop/nbd.txt,
+"Features by version"), and what Debian's packages of qemu-nbd, nbdkit and nbd-server advertised when
+probed (memory or raw-file export, no TLS; e.g. qemu-nbd 5.2/7.2: block size 1/4096/32M and flush, fua,
+trim, zero, fast_zero, df, cache; nbd-server 3.24: no structured replies, WRITE_ZEROES and MULTI_CONN
+only).  A field whose value for that version is *not* documented in those sources is still given a value
+(the server must do something) but is listed in ``unknown``, with the reason in ``notes``: a test should
+not treat such a field as evidence about the real peer.
+
+Meta-context names are the core's (``_constants.CONTEXT_*``); ``BASE_ALLOCATION``, ``DIRTY_BITMAP`` and
+``ALLOCATION_DEPTH`` are the same objects under the names this table has always used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-BASE_ALLOCATION = "base:allocation"
-DIRTY_BITMAP = "qemu:dirty-bitmap:"
-ALLOCATION_DEPTH = "qemu:allocation-depth"
+from ._constants import CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION
+from ._constants import CONTEXT_QEMU_ALLOCATION_DEPTH as ALLOCATION_DEPTH
+from ._constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX as DIRTY_BITMAP
+from ._constants import DEFAULT_MAX_PAYLOAD, DEFAULT_MIN_BLOCK, DEFAULT_PREF_BLOCK
 
-_M32 = 32 * 1024 * 1024
+__all__ = [
+    "ALLOCATION_DEPTH",
+    "BASE_ALLOCATION",
+    "DEFAULT",
+    "DIRTY_BITMAP",
+    "PERSONAS",
+    "Persona",
+    "format_table",
+    "get",
+    "with_changes",
+]
+
+DEFAULT = "nbdref"
+"""Name of the reference persona (the whole spec, emulating no release): the default of ``get``, of
+``Server(persona=...)`` and of ``python -m nbdref serve --persona``."""
+
+# The maximum payload qemu-nbd advertises (its NBD_MAX_BUFFER_SIZE, 32 MiB): the same number as the
+# spec's default maximum payload (DEFAULT_MAX_PAYLOAD, 2^25), but a fact about qemu, not about the spec.
+_QEMU_MAX_PAYLOAD = 32 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,7 +56,7 @@ class Persona:
     info_name: bool = True                 # answers NBD_INFO_NAME requests
     info_description: bool = True          # answers NBD_INFO_DESCRIPTION requests
     # Sent with INFO/GO when requested (None: never sent); enforced once NBD_OPT_GO advertised it.
-    info_block_size: tuple[int, int, int] | None = (1, 4096, _M32)
+    info_block_size: tuple[int, int, int] | None = (DEFAULT_MIN_BLOCK, DEFAULT_PREF_BLOCK, DEFAULT_MAX_PAYLOAD)
     info_size_zero: bool = False           # nbd-server quirk: NBD_OPT_INFO reports export size 0
     structured_replies: bool = True        # accepts NBD_OPT_STRUCTURED_REPLY
     offset_hole: bool = True               # sends NBD_REPLY_TYPE_OFFSET_HOLE for sparse reads
@@ -72,7 +96,7 @@ class Persona:
 
 
 _NBDREF = Persona(
-    name="nbdref",
+    name=DEFAULT,
     implementation="nbdref",
     version="0.1",
     notes="the reference server: every feature of proto.md and the extended-headers draft",
@@ -107,14 +131,15 @@ _Q26 = dict(
     info_description=False,
 )
 _Q28 = {**_Q26, "write_zeroes": True}
-# 2.10: "NBD_OPT_GO, NBD_INFO_BLOCK"; minimum block 512 for raw until 4.0 (older-servers research).
-_Q210 = {**_Q28, "opt_go": True, "info_block_size": (512, 4096, _M32), "info_name": True,
+# 2.10: "NBD_OPT_GO, NBD_INFO_BLOCK"; qemu-nbd advertised a minimum block size of 512 for raw images
+# until 4.0 (1 since then).
+_Q210 = {**_Q28, "opt_go": True, "info_block_size": (512, 4096, _QEMU_MAX_PAYLOAD), "info_name": True,
          "info_description": True}
 _Q211 = {**_Q210, "structured_replies": True, "offset_hole": True, "df": True}
 _Q212 = {**_Q211, "meta_contexts": (BASE_ALLOCATION,), "block_status_single_extent": True}
 _Q30 = {**_Q212, "meta_contexts": (BASE_ALLOCATION, DIRTY_BITMAP), "block_status_single_extent": False,
         "cache": True, "tls_psk": True}
-_Q42 = {**_Q30, "info_block_size": (1, 4096, _M32), "multi_conn_ro": True, "fast_zero": True}
+_Q42 = {**_Q30, "info_block_size": (1, 4096, _QEMU_MAX_PAYLOAD), "multi_conn_ro": True, "fast_zero": True}
 _Q52 = {**_Q42, "meta_contexts": (BASE_ALLOCATION, DIRTY_BITMAP, ALLOCATION_DEPTH)}
 _Q72 = {**_Q52, "multi_conn_rw": True}
 _Q82 = {**_Q72, "extended_headers": True, "block_status_payload": True}
@@ -138,7 +163,8 @@ _QEMU = [
     _qemu("4.2", unknown=("df",),
           notes="MULTI_CONN for shareable read-only exports only; FAST_ZERO; min block 1 for raw since 4.0.",
           **_Q42),
-    _qemu("5.2", notes="qemu:allocation-depth. Spike: 1/4096/32M, flush fua trim zero fast_zero df cache.",
+    _qemu("5.2", notes="qemu:allocation-depth. Debian's 5.2 advertised 1/4096/32M, flush fua trim zero fast_zero "
+                "df cache.",
           **_Q52),
     _qemu("7.2", notes="MULTI_CONN on writable (shared) exports since 7.1.", **_Q72),
     _qemu("8.2", notes="NBD_OPT_EXTENDED_HEADERS, NBD_FLAG_BLOCK_STATUS_PAYLOAD.", **_Q82),
@@ -155,16 +181,18 @@ _NBDKIT = [
     Persona(name="nbdkit-1.24", implementation="nbdkit", version="1.24", **_NBDKIT_COMMON,  # type: ignore[arg-type]
             notes="INFO_NAME/DESCRIPTION since 1.24; no NBD_INFO_BLOCK_SIZE (1.30); memory plugin "
                   "advertises multi-conn for read-only and writable exports.",
-            sources="timeline.yaml (nbdkit-pod); docker-spike.md"),
+            sources="timeline.yaml (nbdkit-pod); Debian bullseye's nbdkit 1.24, probed"),
     Persona(name="nbdkit-1.32", implementation="nbdkit", version="1.32", **_NBDKIT_COMMON,  # type: ignore[arg-type]
-            notes="NBD_INFO_BLOCK_SIZE exists since 1.30 but the memory plugin sends none (spike).",
-            sources="timeline.yaml (nbdkit-pod); docker-spike.md"),
+            notes="NBD_INFO_BLOCK_SIZE exists since 1.30 but the memory plugin sends none (Debian "
+                  "bookworm's 1.32, probed).",
+            sources="timeline.yaml (nbdkit-pod); Debian bookworm's nbdkit 1.32, probed"),
     Persona(name="nbdkit-1.42", implementation="nbdkit", version="1.42",
             **{**_NBDKIT_COMMON, "info_block_size": (1, 32768, 0xFFFFFFFF)},  # type: ignore[arg-type]
             unknown=("offset_hole", "error_messages"),
-            notes="Spike (trixie): memory plugin sends block size 1/32768/4294967295, no extended headers. "
+            notes="Debian trixie's 1.42, probed: the memory plugin sends block size 1/32768/4294967295, "
+                  "no extended headers. "
                   "OFFSET_HOLE / error messages are documented as unsupported only up to 1.33.11.",
-            sources="docker-spike.md; timeline.yaml (nbdkit-pod-newer)"),
+            sources="Debian trixie's nbdkit 1.42, probed; timeline.yaml (nbdkit-pod-newer)"),
 ]
 
 _NBD_SERVER = [
@@ -178,12 +206,11 @@ _NBD_SERVER = [
         notes="No structured replies (3.25), no meta contexts, no block size; NBD_OPT_INFO reports size 0; "
               "closes on NBD_OPT_ABORT without NBD_REP_ACK; default config offers only WRITE_ZEROES and "
               "MULTI_CONN (flush/fua/trim are config options).",
-        sources="timeline.yaml (nbd-src, nbd-git); docker-spike.md",
+        sources="timeline.yaml (nbd-src, nbd-git); Debian bookworm's nbd-server 3.24, probed",
     ),
 ]
 
 PERSONAS: dict[str, Persona] = {p.name: p for p in [_NBDREF, *_QEMU, *_NBDKIT, *_NBD_SERVER]}
-DEFAULT = "nbdref"
 
 
 def get(name: str | Persona | None) -> Persona:
@@ -197,7 +224,7 @@ def get(name: str | Persona | None) -> Persona:
 
 
 def with_changes(persona: Persona, **changes: object) -> Persona:
-    """A variant of a persona (e.g. ``with_changes(get("nbdref"), offset_hole=False)``)."""
+    """A variant of a persona (e.g. ``with_changes(get(DEFAULT), offset_hole=False)``)."""
     return replace(persona, **changes)  # type: ignore[arg-type]
 
 

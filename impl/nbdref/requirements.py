@@ -12,6 +12,13 @@ from pathlib import Path
 
 CATALOGUE = Path(__file__).with_name("data") / "requirements.yaml"
 
+MANDATORY_LEVELS = frozenset({"MUST", "MUST NOT"})
+"""The catalogue levels of mandatory requirements (RFC 2119 MUST / MUST NOT; proto.md "Conventions").
+
+A breach of one lets the peer hard-disconnect (DISC-003 / DISC-017), and by default it is fatal
+(``Strictness.fatal_levels``); every other level (SHOULD, SHOULD NOT, MAY) is only recorded.
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Requirement:

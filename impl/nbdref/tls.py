@@ -5,11 +5,13 @@ X.509 material follows the directory layout qemu (``tls-creds-x509,dir=``), nbdk
 ``server-key.pem``, ``client-cert.pem``, ``client-key.pem``.  PSK keys files are psktool's format, one
 ``identity:hexkey`` per line.
 
-Python's ssl module gained PSK callbacks only in 3.13.  On 3.11/3.12 we install OpenSSL's PSK callbacks
-with ctypes on the ``SSL_CTX*`` behind the ``ssl.SSLContext`` (research/docker-spike.md, "Python and
-TLS-PSK").  CPython < 3.13 also sets a session-id context on every SSL_CTX, which makes OpenSSL reject
-the TLS 1.3 external-PSK session (ATTEMPT_TO_REUSE_SESSION_IN_DIFFERENT_CONTEXT); we clear it.  The
-ctypes callbacks are kept alive as attributes of the returned context, which is an `NbdSSLContext`.
+Python's ssl module gained PSK callbacks only in 3.13 (``SSLContext.set_psk_client_callback``), and
+pyOpenSSL has no PSK API at all.  On 3.11/3.12 we install OpenSSL's PSK callbacks
+(``SSL_CTX_set_psk_client_callback`` / ``..._server_callback``) with ctypes on the ``SSL_CTX*`` behind
+the ``ssl.SSLContext``.  CPython < 3.13 also sets a session-id context on every SSL_CTX, which makes
+OpenSSL reject the TLS 1.3 external-PSK session (ATTEMPT_TO_REUSE_SESSION_IN_DIFFERENT_CONTEXT); we
+clear it.  The ctypes callbacks are kept alive as attributes of the returned context, which is an
+`NbdSSLContext`.
 
 A PSK context authenticates with the PSK and nothing else: TLS 1.2 offers only PSK-authenticated
 suites, TLS 1.3 only the SHA-256 suites the callbacks' PSK can be used with (OpenSSL treats a PSK from

@@ -1,4 +1,4 @@
-"""NBD URIs (``../shared/spec/uri.md``): parse into a frozen `Uri`, print back with `Uri.to_string()`.
+"""NBD URIs (uri.md, the NBD URI specification): parse into a frozen `Uri`, print back with `Uri.to_string()`.
 
 The parser is strict where the URI spec says MUST (each error names the bad part and the URI-* id of
 the rule it enforces) and lenient where it says SHOULD: unknown query parameters are kept in

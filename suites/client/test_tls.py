@@ -15,18 +15,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from nbdref.server import Export, Server, TLSConfig
 
-from fixtures.exports import ExportRequest, expected_bytes, materialize
+from fixtures.exports import ExportRequest, expected_bytes
 from fixtures.judging import HarnessError
 from fixtures.launch import ClientRunner, export_workdir, make_uri
 from fixtures.launchers.base import RunningServer
+from fixtures.launchers.inprocess import start_reference
 from fixtures.matrix import client_tools
 from fixtures.peers.libnbd_clients import URI_TLS_CERTIFICATES_SINCE, nbdsh_argv
 from fixtures.peers.qemu_clients import parse_read_dump
 from fixtures.peers.qemu_nbd import TLS_OVER_UNIX_SINCE
 from fixtures.peerspec import PeerSpec
-from fixtures.timeline import parse_version
+from fixtures.timeline import parse_version, tls_feature
 from fixtures.verdicts import Verdict
 from suites.client._common import TOOL_TIMEOUT, tool_fixture
 
@@ -44,11 +44,6 @@ def export_for(kind: str) -> ExportRequest:
     tls = "psk" if kind == "psk" else "x509"
     return ExportRequest(name="exp", size=4 * MiB, content="pattern", read_only=True, tls=tls,
                          tls_verify_peer=kind == "x509-verify")
-
-
-def feature_of(kind: str) -> str:
-    """The timeline feature a TLS kind exercises (fixtures/data/timeline.yaml)."""
-    return "TLS-PSK" if kind == "psk" else "NBD_OPT_STARTTLS"
 
 
 @pytest.fixture
@@ -76,47 +71,23 @@ class Reference:
     """The in-process FORCEDTLS reference server of one TLS kind, on a unix socket and on TCP."""
 
     kind: str
-    unix: Server
-    tcp: Server
     unix_view: RunningServer
     tcp_view: RunningServer
 
-    def servers(self) -> tuple[Server, Server]:
-        return self.unix, self.tcp
+    def servers(self) -> tuple[Any, Any]:
+        """The two nbdref Servers (their ``records`` are what the clients did)."""
+        return self.unix_view.handle, self.tcp_view.handle
 
 
 @contextlib.contextmanager
 def serve_reference(kind: str, m: Any) -> Iterator[Reference]:
     """Start the reference server of ``kind`` on both transports; stop both on the way out."""
     export = export_for(kind)
-    workdir = export_workdir(f"ref-tls-{kind}")
-    disk = materialize(export, workdir)
-    tls = TLSConfig(mode="require", certificates=str(m.x509_dir) if export.tls == "x509" else None,
-                    psk_file=str(m.psk_file) if export.tls == "psk" else None,
-                    verify_peer=export.tls_verify_peer)
-    sock = workdir / "nbd.sock"
-    unix = Server([Export.file(export.name, disk, read_only=True)], persona="nbdref", tls=tls, unix=str(sock))
-    tcp = Server([Export.file(export.name, disk, read_only=True)], persona="nbdref", tls=tls, host="127.0.0.1",
-                 port=0)
-    unix.start()
-    try:
-        tcp.start()
-    except BaseException:
-        unix.stop(timeout=5)
-        raise
-    port = int(tcp.address[1])
-    base = RunningServer(spec=None, export=export, uri="", export_name=export.name, transport="unix",
-                         socket=sock, host=None, port=None, log_path=workdir / "server.log", workdir=workdir,
-                         disk=disk, tls=m)
-    unix_view = replace(base, uri=make_uri(export=export.name, transport="unix", socket_path=sock,
-                                           tls=export.tls, material=m))
-    tcp_view = replace(base, transport="tcp", socket=None, host="127.0.0.1", port=port,
-                       uri=make_uri(export=export.name, transport="tcp", port=port, tls=export.tls, material=m))
-    try:
-        yield Reference(kind, unix, tcp, unix_view, tcp_view)
-    finally:
-        tcp.stop(timeout=5)
-        unix.stop(timeout=5)
+    with contextlib.ExitStack() as stack:
+        views = {transport: stack.enter_context(start_reference(
+                     export, workdir=export_workdir(f"ref-tls-{kind}-{transport}"), tls=m, transport=transport))
+                 for transport in ("unix", "tcp")}
+        yield Reference(kind, views["unix"], views["tcp"])
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +121,7 @@ def untrusted_reference(_references: dict[str, Reference]) -> Reference:
 
 
 def target(ref: Reference, spec: PeerSpec) -> RunningServer:
-    """qemu before 7.0 does TLS only over IP ("TLS only supported over IP sockets", spike §3)."""
+    """qemu before 7.0 does TLS only over IP (qemu-io 5.2: "TLS only supported over IP sockets")."""
     if spec.implementation == "qemu-io" and parse_version(spec.version) < TLS_OVER_UNIX_SINCE:
         return ref.tcp_view
     return ref.unix_view
@@ -203,10 +174,6 @@ def ok(result: Any, session: Session) -> Any:
     return result
 
 
-def libnbd_version(runner: ClientRunner) -> tuple[int, ...]:
-    return parse_version(runner.versions.get("libnbd-bin", ""))
-
-
 # A TLS client: "On NBD_REP_ACK to STARTTLS the client must immediately upgrade the connection to TLS"
 # (TLS-035), "must not send NBD_OPT_STARTTLS once TLS is active" (TLS-033), and sends no data with it
 # (TLS-052): the reference server's core checks each, on every connection the tools make.
@@ -218,7 +185,7 @@ def test_qemu_io_tls_read(client_runner: ClientRunner, tls_tool: str, qemu_tool:
     read = ok(client_runner.run(argv, TOOL_TIMEOUT), session)
     assert parse_read_dump(read.stdout) == expected_bytes(server.export, OFFSET, 1024)
     session.judge()
-    verdict.timeline(feature_of(reference.kind), True)
+    verdict.timeline(tls_feature(reference.kind), True)
     verdict.info(f"TLS {reference.kind}: qemu-io read ok ({server.transport})")
 
 
@@ -248,12 +215,12 @@ def nbdsh_tls_argv(server: RunningServer, libnbd: tuple[int, ...], script: str) 
 def test_nbdsh_tls_read(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: str, reference: Reference, session: Session,
                         verdict: Any, client_peer: PeerSpec) -> None:
     server = target(reference, client_peer)
-    argv = nbdsh_tls_argv(server, libnbd_version(client_runner), NBDSH_READ.format(offset=OFFSET))
+    argv = nbdsh_tls_argv(server, client_runner.libnbd_version, NBDSH_READ.format(offset=OFFSET))
     out = json.loads(ok(client_runner.run(argv, TOOL_TIMEOUT), session).stdout.strip().splitlines()[-1])
     assert out["tls"] is True and out["size"] == server.export.size
     assert bytes.fromhex(out["data"]) == expected_bytes(server.export, OFFSET, 1024)
     session.judge()
-    verdict.timeline(feature_of(reference.kind), True)
+    verdict.timeline(tls_feature(reference.kind), True)
     verdict.info(f"TLS {reference.kind}: nbdsh read ok")
 
 
@@ -261,7 +228,7 @@ def test_nbdsh_tls_read(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool
 def test_nbdinfo_tls(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: str, reference: Reference, session: Session, verdict: Any,
                      client_peer: PeerSpec) -> None:
     server = target(reference, client_peer)
-    if server.export.tls_verify_peer and libnbd_version(client_runner) < URI_TLS_CERTIFICATES_SINCE:
+    if server.export.tls_verify_peer and client_runner.libnbd_version < URI_TLS_CERTIFICATES_SINCE:
         verdict.not_applicable(f"libnbd {client_runner.versions.get('libnbd-bin')} has no tls-certificates "
                                "URI parameter, and nbdinfo takes only a URI: it cannot present a client certificate")
     argv = client_runner.tool_argv("nbdinfo", server, "--json")
@@ -306,7 +273,7 @@ def test_client_rejects_untrusted_server(client_runner: ClientRunner, tool: str,
     untrusted = replace(server, tls=other, uri=make_uri(export=server.export_name, transport=server.transport,
                                                         socket_path=server.socket, port=server.port, tls="x509",
                                                         material=other))
-    libnbd = libnbd_version(client_runner)
+    libnbd = client_runner.libnbd_version
     if client_peer.implementation == "qemu-io":
         argv = client_runner.tool_argv("qemu-io", untrusted, "-c", "read 0 512")
     else:

@@ -26,6 +26,7 @@ from nbdref.connection import NEED_DATA, ClientConnection
 
 from fixtures.exports import expected_bytes
 from fixtures.judging import HarnessError
+from fixtures.timeline import tls_feature
 from suites.server._common import acked
 
 SECTION = "TLS support"
@@ -34,11 +35,6 @@ KINDS = ("x509", "x509-verify", "psk")
 TIMEOUT = 10.0
 OFFSET = 3 * MiB + 512                  # not at 0 and not 4 KiB-aligned: the pattern differs per sector
 UNKNOWN_OPTION = 0x4E42                 # no option of proto.md or the ext-header draft has this code
-
-
-def feature_of(kind: str) -> str:
-    """The timeline feature a TLS kind exercises (fixtures/data/timeline.yaml)."""
-    return "TLS-PSK" if kind == "psk" else "NBD_OPT_STARTTLS"
 
 
 @pytest.fixture(params=KINDS)
@@ -61,7 +57,7 @@ def test_tls_read(server_peer, kind, tls_server, ref_client, verdict):
     """A TLS client negotiates TLS and reads known bytes."""
     c = ref_client(tls_server)
     negotiated = c.get_tls_negotiated()
-    verdict.timeline(feature_of(kind), negotiated, export=tls_server.export)
+    verdict.timeline(tls_feature(kind), negotiated, export=tls_server.export)
     assert negotiated, "connected without TLS to a FORCEDTLS server"
     assert c.get_size() == tls_server.export.size
     assert c.pread(4096, OFFSET) == expected_bytes(tls_server.export, OFFSET, 4096)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nbdref.client import Client, ClientError, CmdFlag, RemoteProtocolError
+from nbdref.client import Client, ClientError, CmdFlag, RemoteProtocolError, Strict
 
 from fixtures.exports import ExportRequest
 from fixtures.launchers.base import RunningServer
@@ -141,7 +141,7 @@ def test_read_past_end_fails_cleanly(server: RunningServer) -> None:
 
 def test_opt_mode_info_list_go(server: RunningServer) -> None:
     lenient = name_of(server) == "nbd-server"  # see below: it breaks GO-022, so let the client carry on
-    with connect(server.uri, opt_mode=True, full_info=True, strict_mode=0 if lenient else 1) as c:
+    with connect(server.uri, opt_mode=True, full_info=True, strict_mode=0 if lenient else Strict.ALL) as c:
         assert not c.aio_is_ready()
         exports = c.opt_list()
         assert server.export_name in [name for name, _ in exports]

@@ -145,3 +145,16 @@ def test_to_string_round_trips(uri: str) -> None:
     parsed = parse_uri(uri)
     assert isinstance(parsed, Uri)
     assert parse_uri(parsed.to_string()) == parsed
+
+
+def test_percent_encoded_reg_name_is_decoded() -> None:
+    # RFC 3986 section 3.2.2: reg-name = *( unreserved / pct-encoded / sub-delims )
+    u = parse_uri("nbd://ex%61mple.com:10810/disk")
+    assert (u.host, u.port, u.export_name) == ("example.com", 10810, "disk")
+    u = parse_uri("nbd://my%20host/disk")
+    assert u.host == "my host"
+    assert parse_uri(u.to_string()) == u
+    with pytest.raises(UriError):
+        parse_uri("nbd://bad%2/disk")
+    with pytest.raises(UriError):
+        parse_uri("nbd://b%ffd/disk")  # not UTF-8

@@ -284,3 +284,26 @@ def test_large_write_payload_is_received_in_place():
     (req,) = [s.next_event()]
     assert req.payload == data and req.length == len(data)
     assert s.next_event() is NEED_DATA
+
+
+def test_refuse_makes_a_should_level_breach_of_ours_a_refusal():
+    # "The client SHOULD NOT send a zero-length READ" (RD-008): by default sent and noted in the transcript;
+    # with its id in Strictness.refuse, refused like a MUST (nothing sent, the state does not move).
+    from nbdref import Strictness
+
+    p = pair()
+    p.send(p.client, ev.Request(cookie=1, command=Cmd.READ, length=0))
+    assert "sent anyway: RD-008" in str(p.client.transcript) and 1 in p.client.in_flight
+    p = ConnectionPair(client=Strictness(refuse=frozenset({"RD-008"})))
+    p.handshake(tx_flags=ALL_FLAGS)
+    with pytest.raises(LocalProtocolError, match="RD-008") as info:
+        p.client.send(ev.Request(cookie=1, command=Cmd.READ, length=0))
+    assert info.value.violation is not None and info.value.violation.level == "SHOULD NOT"
+    assert p.client.in_flight == {}
+    # check_local=False still sends everything; a disabled id is not checked at all.
+    for strictness in (Strictness(refuse=frozenset({"RD-008"}), check_local=False),
+                       Strictness(refuse=frozenset({"RD-008"}), disabled=frozenset({"RD-008"}))):
+        p = ConnectionPair(client=strictness)
+        p.handshake(tx_flags=ALL_FLAGS)
+        p.send(p.client, ev.Request(cookie=1, command=Cmd.READ, length=0))
+        assert 1 in p.client.in_flight

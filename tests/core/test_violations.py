@@ -264,7 +264,7 @@ CASES: dict[str, Callable[[ConnectionPair], tuple]] = {
     "GO-025": lambda p: (tx(p).client, bytes(124)),
     "DISC-023": lambda p: (_flush(p).client, R(cookie=2, command=Cmd.DISC)),
     # DISC-021 binds "a client that receives NBD_ESHUTDOWN": only the client can tell (the server cannot
-    # know whether a request was pipelined before the reply arrived); see test_review_fixes.py.
+    # know whether a request was pipelined before the reply arrived); see test_disconnect_rules.py.
     "DISC-014": lambda p: _after_err_shutdown(p),
     "EXT-056": lambda p: (
         tx(p, extended=True, **BS1, tx_flags=TX | TxFlag.BLOCK_STATUS_PAYLOAD).client,

@@ -1,17 +1,14 @@
-"""The peer tests start real peers: sweep stale runs first, and remove this process's peers at the end."""
+"""The peer tests start real peers: they all join the run of fixtures.plugin's `harness_run`, whose
+creation sweeps stale runs; the plugin removes what this process started at the end of the session
+(pytest_sessionfinish), as for the suites."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from fixtures.runs import ProcId, cleanup_run, current_run, sweep_stale
-
 
 @pytest.fixture(scope="session", autouse=True)
-def _peer_run() -> Iterator[None]:
-    sweep_stale()
-    run = current_run()
-    yield
-    cleanup_run(run, mine_only=run.owner != ProcId.me())
+def _peer_run(harness_run: Any) -> Any:
+    return harness_run

@@ -180,3 +180,17 @@ def test_silent_hanging_build_step_is_killed(tmp_path: Path) -> None:
     while proc_start_time(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc_start_time(pid) is None, "the whole process group is killed"
+
+
+def test_docker_available_asks_the_engine_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fixtures.images as images
+    calls: list[int] = []
+
+    def ask() -> tuple[bool, str]:
+        calls.append(1)
+        return False, "no engine here"
+
+    monkeypatch.setattr(images, "_ask_docker", ask)
+    monkeypatch.setattr(images, "_DOCKER_STATUS", None)
+    assert docker_available() == docker_available() == (False, "no engine here")
+    assert len(calls) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from fixtures.exports import ExportRequest
 from fixtures.launch import start_server
 from fixtures.launchers.base import PeerStartError
+from fixtures.launchers.inprocess import reference_spec
 from fixtures.peerspec import PeerSpec
 
 from .helpers import assert_serves
@@ -52,16 +54,12 @@ def test_nbdref_as_local_process(tmp_path: Path) -> None:
     assert not s.alive()
 
 
-def _ref_spec(**kw) -> PeerSpec:
-    return spec(persona="nbdref", **kw)
-
-
 def test_inprocess_log_tail_has_records_violations_and_transcript(tmp_path: Path) -> None:
     """The in-process server logs through `logging` only: the launcher writes srv.records into
     log_path, so log_tail() (and so the evidence on reports) shows the server side."""
     import socket
 
-    with start_server(_ref_spec(), ExportRequest(size=65536), workdir=tmp_path) as s:
+    with start_server(reference_spec(), ExportRequest(size=65536), workdir=tmp_path) as s:
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(str(s.socket))
             assert c.recv(18).startswith(b"NBDMAGIC")
@@ -83,11 +81,11 @@ def _fd_count() -> int:
 
 def test_inprocess_start_stop_does_not_leak_fds(tmp_path: Path) -> None:
     req = ExportRequest(size=65536)
-    with start_server(_ref_spec(), req, workdir=tmp_path / "warm"):
+    with start_server(reference_spec(), req, workdir=tmp_path / "warm"):
         pass                                         # imports, caches
     before = _fd_count()
     for i in range(20):
-        start_server(_ref_spec(), req, workdir=tmp_path / f"s{i}").stop()
+        start_server(reference_spec(), req, workdir=tmp_path / f"s{i}").stop()
     assert _fd_count() - before <= 2, "a file descriptor leaks per in-process start"
 
 
@@ -98,13 +96,13 @@ def test_inprocess_failed_start_closes_the_backend(tmp_path: Path, monkeypatch: 
         raise RuntimeError("boom")
 
     req = ExportRequest(size=65536)
-    with start_server(_ref_spec(), req, workdir=tmp_path / "warm"):
+    with start_server(reference_spec(), req, workdir=tmp_path / "warm"):
         pass
     monkeypatch.setattr(api, "Server", broken)
     before = _fd_count()
     for i in range(10):
         with pytest.raises(PeerStartError, match="boom"):
-            start_server(_ref_spec(), req, workdir=tmp_path / f"s{i}")
+            start_server(reference_spec(), req, workdir=tmp_path / f"s{i}")
     assert _fd_count() - before <= 2
 
 
@@ -114,8 +112,7 @@ def test_handshake_faults_start(fault: str, launcher: str, tmp_path: Path) -> No
     """A matrix row `options: {fault: NAME}` with a handshake fault starts: readiness is a connect."""
     from fixtures.readiness import probe_greeting
 
-    sp = PeerSpec(id=f"nbdref-{launcher}", implementation="nbdref", role="server", version="0",
-                  launcher=launcher, persona="nbdref", options=(("fault", fault), ("ready_timeout", "10")))
+    sp = replace(reference_spec(fault=fault, ready_timeout=10), id=f"nbdref-{launcher}", launcher=launcher)
     with start_server(sp, ExportRequest(size=65536), workdir=tmp_path) as s:
         assert s.alive()
         try:
@@ -123,3 +120,22 @@ def test_handshake_faults_start(fault: str, launcher: str, tmp_path: Path) -> No
         except (OSError, ConnectionError):
             got = b""                                # disconnect-handshake:4 closes after 4 bytes
         assert got != b"NBDMAGIC", "the fault is in effect"
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_start_reference_is_start_server_of_the_reference_spec(transport: str, tmp_path: Path) -> None:
+    """start_reference: a reference server outside the matrix (persona nbdref.personas.DEFAULT) through
+    the same start_server path; its handle is the nbdref Server, whose records show the connections."""
+    from nbdref.personas import DEFAULT
+
+    from fixtures.launchers.inprocess import start_reference
+
+    assert reference_spec().persona == DEFAULT and reference_spec().id == f"nbdref-server[{DEFAULT}]"
+    assert reference_spec("qemu-2.10", transport="tcp").options == (("transport", "tcp"),)
+    req = ExportRequest(size=256 * 1024, content="pattern", read_only=True)
+    with start_reference(req, workdir=tmp_path, transport=transport) as s:
+        assert s.transport == transport and s.spec == reference_spec(transport=transport)
+        assert s.handle.persona.name == DEFAULT
+        before = len(s.handle.records)
+        assert_serves(s, req)
+        assert len(s.handle.records) > before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from fixtures.exports import ExportRequest, expected_bytes, materialize, pattern
 from fixtures.launch import ClientRunner, LocalCommandRunner, make_uri
 from fixtures.launchers.base import PeerUnsupported, RunningServer
 from fixtures.peers import server_adapter
-from fixtures.peers.base import ServerContext, parse_version
+from fixtures.peers.base import ServerContext, version_of_banner
 from fixtures.peers.nbd_server import NbdServer
 from fixtures.tls_material import TlsMaterial
 
@@ -88,6 +89,27 @@ def test_nbd_server_config() -> None:
     assert "port = 10809" in tcp and "listenaddr = 127.0.0.1" in tcp and "unixsock" not in tcp
 
 
+def test_nbd_server_psk_refusal_follows_the_timeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timeline's TLS-PSK entry says nbd-server has no PSK: not-applicable, with the entry as the
+    reason.  Should the timeline say yes one day, this adapter (which writes no PSK configuration)
+    fails as a harness error instead of skipping."""
+    from fixtures import timeline
+    from fixtures.launchers.base import PeerStartError
+
+    psk = ExportRequest(tls="psk")
+    with pytest.raises(PeerUnsupported, match=r"nbd-server has no TLS-PSK \(TLS-PSK: nbd server 3\.24: unsupported"):
+        NbdServer().plan(ctx("nbd-server", psk, version=(3, 24)))
+    with pytest.raises(PeerUnsupported, match="timeline TLS-PSK"):        # no version known at all
+        NbdServer().plan(ctx("nbd-server", psk, version=()))
+    real = timeline.load()
+    features = {**real.features, "TLS-PSK": {**real.features["TLS-PSK"],
+                                             "nbd": {"server": {"since": "3.30", "status": "supported"}}}}
+    monkeypatch.setattr(timeline, "load", lambda: replace(real, features=features))
+    with pytest.raises(PeerStartError, match="no TLS-PSK configuration") as raised:
+        NbdServer().plan(ctx("nbd-server", psk, version=(3, 30)))
+    assert not isinstance(raised.value, PeerUnsupported)
+
+
 def test_nbd_server_export_config_option() -> None:
     spec = server_spec("nbd-server", options=(("export_config", "flush = true; fua = true\ntrim = true"),))
     conf = next(iter(NbdServer().plan(ctx("nbd-server", ExportRequest(), spec=spec)).files.values()))
@@ -151,8 +173,8 @@ def test_qemu_client_tls_over_unix_sets_hostname() -> None:
 @pytest.mark.parametrize(("text", "want"), [("1:7.2+dfsg-7", (7, 2)), ("qemu-nbd 7.2.22 (Debian 1:7.2)", (7, 2, 22)),
                                             ("This is nbd-server version 3.24", (3, 24)), ("1.32.5-1", (1, 32, 5)),
                                             ("none", ())])
-def test_parse_version(text: str, want: tuple[int, ...]) -> None:
-    assert parse_version(text) == want
+def test_version_of_banner(text: str, want: tuple[int, ...]) -> None:
+    assert version_of_banner(text) == want
 
 
 def test_export_content(tmp_path: Path) -> None:

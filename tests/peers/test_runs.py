@@ -229,16 +229,14 @@ def test_short_socket_dirs_are_removed_with_their_run(state: Path, tmp_path: Pat
     cleanup, and sweeps remove those of dead runs and unrecorded leftovers."""
     from fixtures.exports import ExportRequest
     from fixtures.launch import start_server
-    from fixtures.peerspec import PeerSpec
+    from fixtures.launchers.inprocess import reference_spec
     from fixtures.runs import SHORT_DIR_RECORDS, cleanup_run, runs_root, short_root, short_socket_dir
 
     pytest.importorskip("nbdref.server")
     monkeypatch.delenv(RUN_ENV, raising=False)
     run = current_run()
     deep = run.workdir / ("d" * 60) / ("e" * 60)
-    spec = PeerSpec(id="nbdref-server", implementation="nbdref", role="server", version="0",
-                    launcher="in-process", persona="nbdref")
-    with start_server(spec, ExportRequest(size=4096), workdir=deep) as s:
+    with start_server(reference_spec(), ExportRequest(size=4096), workdir=deep) as s:
         assert s.socket is not None and s.socket.parent.parent == short_root()
         short = s.socket.parent
     assert short.is_dir() and (run.workdir / SHORT_DIR_RECORDS / short.name).exists()
@@ -377,6 +375,7 @@ import json, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
 from fixtures.exports import ExportRequest
 from fixtures.launch import start_server
+from nbdref.personas import DEFAULT
 from fixtures.peerspec import PeerSpec
 from fixtures.runs import current_run, register_worker
 run = current_run()
@@ -384,7 +383,7 @@ name = sys.argv[2]
 wd = run.workdir / name
 register_worker(run, name, wd)
 spec = PeerSpec(id="nbdref-local", implementation="nbdref", role="server", version="0", launcher="local",
-                persona="nbdref")
+                persona=DEFAULT)
 server = start_server(spec, ExportRequest(size=1 << 20), workdir=wd / "p0")
 # what nobody recorded: only its command line ties it to this worker
 stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(wd / "stray")],

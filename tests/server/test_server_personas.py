@@ -60,7 +60,7 @@ def test_qemu_5_2_lists_qemu_contexts(serve):
 def test_nbd_server_3_24_info_reports_size_zero(serve):
     info, s = _info(serve, "nbd-server-3.24")
     (e,) = info["exports"]
-    # research/docker-spike.md: nbd-server answers NBD_OPT_INFO with export size 0; NBD_OPT_GO is right.
+    # Debian's nbd-server (3.21 to 3.27, probed) answers NBD_OPT_INFO with export size 0; NBD_OPT_GO is right.
     assert info["structured"] is False and e["export-size"] == 0
     assert run([*NBDSH, "-u", s.uri, "-c", "print(h.get_size()); h.shutdown()"]).stdout.strip() == str(4 * MiB)
     assert s.wait_closed(10)

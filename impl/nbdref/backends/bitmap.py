@@ -6,6 +6,7 @@ every block they touch (a partial block is dirty too); ``clear()`` starts a new 
 
 from __future__ import annotations
 
+from .._constants import CONTEXT_QEMU_DIRTY_BITMAP_PREFIX
 from .blockmap import BlockMap
 
 STATE_DIRTY = 1
@@ -24,7 +25,7 @@ class DirtyBitmap:
 
     @property
     def context(self) -> str:
-        return f"qemu:dirty-bitmap:{self.name}"
+        return CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + self.name
 
     def mark(self, offset: int, length: int) -> None:
         self._map.set_touched(offset, length, STATE_DIRTY)

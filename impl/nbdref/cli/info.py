@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TextIO
 
+from .._constants import CONTEXT_BASE_ALLOCATION
 from ..client import Client, ClientError
 from ..uri import UriError, parse_uri
 
@@ -124,7 +125,7 @@ def _extent_map(client: Client, context: str) -> list[dict[str, Any]]:
             length = min(length, size - offset)
             if length <= 0:
                 break
-            description = _BASE_ALLOCATION.get(flags, "") if context == "base:allocation" else ""
+            description = _BASE_ALLOCATION.get(flags, "") if context == CONTEXT_BASE_ALLOCATION else ""
             if extents and extents[-1]["type"] == flags:
                 extents[-1]["length"] += length
             else:
@@ -198,7 +199,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     """Entry point; returns the exit status (see the module docstring)."""
     try:
         # Like nbdinfo, a context is given only as --map=CONTEXT: a bare --map never eats the URI.
-        words = ["--map=base:allocation" if a == "--map" else a for a in (sys.argv[1:] if argv is None else argv)]
+        words = [f"--map={CONTEXT_BASE_ALLOCATION}" if a == "--map" else a
+                 for a in (sys.argv[1:] if argv is None else argv)]
         args = _parser().parse_args(words)
     except SystemExit as exc:
         return int(exc.code or 0)

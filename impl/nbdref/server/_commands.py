@@ -9,31 +9,35 @@ EOVERFLOW for oversize effect lengths and DF reads that do not fit; ENOTSUP only
 from __future__ import annotations
 
 import errno
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from .. import _wire as w
 from .. import events as ev
 from .. import requirements
-from .._constants import VALID_CMD_FLAGS, Cmd, CmdFlag, Err, TxFlag
+from .._constants import (
+    COMMAND_NEEDS_TXFLAG,
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
+    DEFAULT_MAX_PAYLOAD,
+    FLAG_NEEDS_TXFLAG,
+    MAX_EXTENTS_PER_CHUNK,
+    VALID_CMD_FLAGS,
+    Cmd,
+    CmdFlag,
+    Err,
+)
 from ..backends import STATE_ZERO, BackendError
-from ..personas import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP
 from ._export import Export
 from ._options import Negotiation
 
 # Command flags as plain ints: IntFlag operators cost microseconds on the per-request path.
 _FUA, _NO_HOLE, _DF = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF)
 _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = int(CmdFlag.REQ_ONE), int(CmdFlag.FAST_ZERO), int(CmdFlag.PAYLOAD_LEN)
-
-# Commands that exist only when their transmission flag was advertised (we never offer RESIZE).
-_NEEDS_TXFLAG = {
-    Cmd.FLUSH: TxFlag.SEND_FLUSH, Cmd.TRIM: TxFlag.SEND_TRIM, Cmd.CACHE: TxFlag.SEND_CACHE,
-    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES, Cmd.RESIZE: TxFlag.SEND_RESIZE,
-}
-# Command flags that mean something only when their transmission flag was advertised.
-_FLAG_NEEDS_TXFLAG = ((CmdFlag.FUA, TxFlag.SEND_FUA), (CmdFlag.DF, TxFlag.SEND_DF),
-                      (CmdFlag.FAST_ZERO, TxFlag.SEND_FAST_ZERO))
+# Which commands and command flags need which transmission flag: the core's tables COMMAND_NEEDS_TXFLAG
+# and FLAG_NEEDS_TXFLAG (CMD-008; we never advertise SEND_RESIZE, so RESIZE is never enabled).
 
 # The core's table of requests a correct server refuses: ServerConnection.refusals.
 Refusals = Callable[[ev.Request], list[tuple[str, int | None]]]
@@ -50,8 +54,6 @@ _ERRNO_TO_NBD = {
 # same, and the transcript may keep it whole.  Larger ones: a kept buffer would pin that much per worker.
 REUSE_MIN, REUSE_MAX = 16 << 10, 8 << 20
 
-MAX_EXTENTS = 1 << 20  # "a server SHOULD NOT send more than 2^20 status descriptors in a single chunk"
-DEFAULT_MAX_PAYLOAD = 1 << 25  # the spec's default maximum payload
 
 
 class RequestError(Exception):
@@ -89,7 +91,8 @@ class Executor:
         self.refusals = refusals
         self.flags = nego.transmission_flags(export)
         self._allowed = {int(c): self._allowed_flags(c) for c in VALID_CMD_FLAGS if c != Cmd.DISC}
-        self._enabled = {int(c): c not in _NEEDS_TXFLAG or bool(self.flags & _NEEDS_TXFLAG[c]) for c in VALID_CMD_FLAGS}
+        self._enabled = {int(c): c not in COMMAND_NEEDS_TXFLAG or bool(self.flags & COMMAND_NEEDS_TXFLAG[c])
+                         for c in VALID_CMD_FLAGS}
         # Enforced: the export's own constraints (advertised on every GO; agreed out of band for
         # NBD_OPT_EXPORT_NAME) and the persona's when they were advertised, i.e. requested with GO.
         # "The server SHOULD report an NBD_EINVAL error if the client's request is not aligned to
@@ -108,7 +111,7 @@ class Executor:
     def _allowed_flags(self, cmd: int) -> int:
         """Flags documented for ``cmd`` whose transmission flag (if any) was advertised."""
         allowed = int(VALID_CMD_FLAGS[Cmd(cmd)])
-        for flag, needs in _FLAG_NEEDS_TXFLAG:
+        for flag, needs in FLAG_NEEDS_TXFLAG.items():
             if not self.flags & needs:
                 allowed &= ~int(flag)
         if not self.nego.extended:
@@ -142,7 +145,7 @@ class Executor:
             if not self.structured:
                 raise RequestError(Err.EINVAL, "block status needs structured replies")
             if flags & _PAYLOAD_LEN:
-                length = self._payload_effect_length(req)
+                length = self._payload_form(req)[0]
         if off > size or length > size - off:
             # The core's table names READ/WRITE/TRIM/WRITE_ZEROES and BLOCK_STATUS by request length;
             # this covers CACHE and the effect length of a BLOCK_STATUS payload.  Writes past the end:
@@ -160,18 +163,21 @@ class Executor:
             # "the client MUST NOT request a length larger than the maximum payload size".
             if length > self.max_payload:
                 raise RequestError(Err.EINVAL, f"payload {length} exceeds maximum {self.max_payload}")
-        elif cmd == Cmd.READ and length > max(self.max_payload, 1 << 25):
+        elif cmd == Cmd.READ and length > max(self.max_payload, DEFAULT_MAX_PAYLOAD):
             # Structured reads: "the server is also permitted to reject large read requests up front
             # with NBD_EOVERFLOW" (proto.md, NBD_CMD_READ); documented, so ERR-006 allows it.
             raise RequestError(Err.EOVERFLOW, f"read of {length} bytes is too large")
         if cmd == Cmd.READ and flags & _DF and length > 0xFFFFFFFF - 8:
             raise RequestError(Err.EOVERFLOW, "too large to send unfragmented")
 
-    def _payload_effect_length(self, req: ev.Request) -> int:
-        data = bytes(req.payload or b"")
-        if len(data) < 8 or (len(data) - 8) % 4:
+    @staticmethod
+    def _payload_form(req: ev.Request) -> tuple[int, tuple[int, ...]]:
+        """(effect length, context ids) of a BLOCK_STATUS in payload form (decoded by the codec)."""
+        form = w.decode_block_status_payload(req.payload if req.payload is not None else b"")
+        if form is None:
+            # "The payload form MUST occupy 8 + n*4 bytes" (EXT-056, the client's): "SHOULD return NBD_EINVAL".
             raise RequestError(Err.EINVAL, "block status payload must be 8 + 4n bytes")
-        return struct.unpack_from(">Q", data)[0]
+        return form
 
     # ----------------------------------------------------------------- running
 
@@ -301,9 +307,7 @@ class Executor:
         off, length = req.offset, req.length
         ids = list(self.nego.contexts)
         if req.flags & _PAYLOAD_LEN:
-            data = bytes(req.payload or b"")
-            length = struct.unpack_from(">Q", data)[0]
-            wanted = [struct.unpack_from(">I", data, 8 + 4 * i)[0] for i in range((len(data) - 8) // 4)]
+            length, wanted = self._payload_form(req)
             # "detects duplicate or unknown metacontext ids ... MUST ... fail with NBD_EINVAL".
             if len(set(wanted)) != len(wanted) or any(i not in self.nego.contexts for i in wanted):
                 raise RequestError(Err.EINVAL, "duplicate or unknown context id in payload")
@@ -317,7 +321,7 @@ class Executor:
                 n, f = extents[0]
                 extents = [(min(n, max(length, 1)), f)]
             if not self.nego.extended:
-                extents = [(min(n, 0xFFFFFFFF & ~0xFFF), f) for n, f in extents[:MAX_EXTENTS]]
+                extents = [(min(n, 0xFFFFFFFF & ~0xFFF), f) for n, f in extents[:MAX_EXTENTS_PER_CHUNK]]
             chunks.append(ev.BlockStatus(cookie=req.cookie, done=False, context_id=cid, extents=tuple(extents)))
         if not chunks:
             return self._ok(req)
@@ -326,12 +330,12 @@ class Executor:
 
     def _extents(self, context: str, off: int, length: int) -> list[tuple[int, int]]:
         b = self.export.backend
-        if context == BASE_ALLOCATION:
+        if context == CONTEXT_BASE_ALLOCATION:
             ext = b.extents(off, length)
-        elif context == ALLOCATION_DEPTH:
+        elif context == CONTEXT_QEMU_ALLOCATION_DEPTH:
             ext = b.allocation_depth(off, length)
-        elif context.startswith(DIRTY_BITMAP):
-            ext = self.export.dirty_bitmaps[context[len(DIRTY_BITMAP):]].extents(off, length)
+        elif context.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):
+            ext = self.export.dirty_bitmaps[context[len(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX):]].extents(off, length)
         else:  # pragma: no cover - contexts are only ever ours
             raise RequestError(Err.EINVAL, f"unknown context {context}")
         if not ext:  # zero-length query at the very end: one descriptor is still required

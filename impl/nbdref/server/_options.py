@@ -11,8 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .. import events as ev
-from .._constants import Info, Opt, Rep, TxFlag
-from ..personas import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP, Persona
+from .._constants import (
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH,
+    CONTEXT_QEMU_DIRTY_BITMAP_PREFIX,
+    Info,
+    Opt,
+    Rep,
+    TxFlag,
+)
+from ..personas import Persona
 from ._export import Export
 
 
@@ -111,11 +119,11 @@ class Negotiation:
     def available_contexts(self, export: Export) -> list[str]:
         p = self.persona
         names = []
-        if BASE_ALLOCATION in p.meta_contexts:
-            names.append(BASE_ALLOCATION)
-        if ALLOCATION_DEPTH in p.meta_contexts:
-            names.append(ALLOCATION_DEPTH)
-        if DIRTY_BITMAP in p.meta_contexts:
+        if CONTEXT_BASE_ALLOCATION in p.meta_contexts:
+            names.append(CONTEXT_BASE_ALLOCATION)
+        if CONTEXT_QEMU_ALLOCATION_DEPTH in p.meta_contexts:
+            names.append(CONTEXT_QEMU_ALLOCATION_DEPTH)
+        if CONTEXT_QEMU_DIRTY_BITMAP_PREFIX in p.meta_contexts:
             names.extend(b.context for b in export.dirty_bitmaps.values())
         return names
 
@@ -132,8 +140,8 @@ class Negotiation:
             return [c for c in avail if c.startswith("base:")]
         if query == "qemu:":
             return [c for c in avail if c.startswith("qemu:")]
-        if query == DIRTY_BITMAP:
-            return [c for c in avail if c.startswith(DIRTY_BITMAP)]
+        if query == CONTEXT_QEMU_DIRTY_BITMAP_PREFIX:
+            return [c for c in avail if c.startswith(CONTEXT_QEMU_DIRTY_BITMAP_PREFIX)]
         return []
 
     # ----------------------------------------------------------------- dispatch

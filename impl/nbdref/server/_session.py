@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import events as ev
-from .._constants import ClientFlag, Cmd, HandshakeFlag, Magic
+from .._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, Cmd, HandshakeFlag, Magic
 from .._errors import ProtocolError, RemoteProtocolError
 from .._strict import Strictness
 from .._transcript import Transcript
@@ -501,7 +501,8 @@ class Session:
             self._send(executor.execute(req), lambda data: data[:cut])
             raise Disconnect(f"fault {f.spec}: cut after {f.cut_reply_at} reply bytes")
         data = b""
-        if req.command == Cmd.READ and req.length <= 1 << 25 and req.offset + req.length <= executor.export.size:
+        if (req.command == Cmd.READ and req.length <= DEFAULT_MAX_PAYLOAD
+                and req.offset + req.length <= executor.export.size):
             data = bytes(executor.export.backend.pread(req.offset, req.length))
         ctx = ReplyContext(cookie=req.cookie, command=req.command, offset=req.offset, length=req.length,
                            structured=executor.nego.structured, extended=executor.nego.extended, data=data)

@@ -1,19 +1,16 @@
-"""Core rules corrected after real peers (qemu 10.0 / 11.1 with extended headers) exposed them.
+"""NBD_CMD_BLOCK_STATUS in payload form (ext-header draft) and NBD_FLAG_BLOCK_STATUS_PAYLOAD.
 
 Each test goes through the in-memory pair and quotes the sentence that decides it:
-- BLOCK_STATUS payload form (ext-header draft): the reply is limited to the ids in the payload and every
-  length rule uses the effect length inside the payload (BS-056, BS-002, BS-059, BS-060, BS-085,
-  BSZ-033, BS-064, EXT-055).
-- EXT-012 binds the NBD_OPT_GO reply only.
-- ERR-006: EOVERFLOW for a structured READ over the maximum payload is documented behaviour.
-- EXT-002: an extended WRITE without PAYLOAD_LEN is recorded, and its data is still read.
+- the reply is limited to the ids in the payload and every length rule uses the effect length inside
+  the payload (BS-056, BS-002, BS-059, BS-060, BS-085, BSZ-033, BS-064, SR-046, EXT-055, EXT-056);
+- EXT-012 (advertising the payload form) binds the NBD_OPT_GO reply only.
+qemu 10.0 / 11.1 with extended headers exposed most of these.
 """
 
 from __future__ import annotations
 
 import pytest
-from nbdref import Cmd, CmdFlag, Err, LocalProtocolError, Opt, RemoteProtocolError, Strictness, TxFlag
-from nbdref import _outcome as outcome
+from nbdref import Cmd, CmdFlag, Err, LocalProtocolError, Opt, Strictness, TxFlag
 from nbdref import _wire as w
 from nbdref import events as ev
 
@@ -176,6 +173,33 @@ def test_payload_form_malformed_demands_nothing_but_is_flagged():
     assert ids(p.client) == []
 
 
+# ---------------------------------------------------------------------------- many extents, error offsets
+# Ext-header draft: "C: 64 bits, effect length / C: n * 32 bits, list of metacontext ids to use"; the
+# header's length is the payload's (12 bytes here), every length rule uses the effect length.
+
+
+def test_payload_form_many_extents_are_not_capped_by_the_payload_length():
+    p = ConnectionPair(client=NO_FATAL)
+    p.handshake(extended=True, contexts=("base:allocation",), export_size=SIZE, tx_flags=BSP)
+    p.send(p.client, bs_request(SIZE, (1,)))
+    extents = tuple((SIZE // 64, i & 1) for i in range(64))
+    out = p.send(p.server, ev.BlockStatus(cookie=1, context_id=1, extents=extents))
+    assert ids(p.client) == []
+    assert isinstance(out[-1], ev.ReplyComplete) and out[-1].error == 0
+
+
+def test_payload_form_error_offset_judged_by_the_effect_length():
+    # "The offset MUST lie within the request's offset and length" (SR-046)
+    p = ConnectionPair(client=NO_FATAL)
+    p.handshake(extended=True, contexts=("base:allocation",), export_size=SIZE, tx_flags=BSP)
+    p.send(p.client, bs_request(8192, (1,), offset=4096))
+    p.send(p.server, ev.ErrorChunk(cookie=1, done=True, error=Err.EIO, offset=4096 + 4000))
+    assert ids(p.client) == []
+    p.send(p.client, bs_request(8192, (1,), offset=4096, cookie=2))
+    send_lenient(p, p.server, ev.ErrorChunk(cookie=2, done=True, error=Err.EIO, offset=4096 + 8192))
+    assert ids(p.client) == ["SR-046"]
+
+
 # ---------------------------------------------------------------------------- EXT-012
 # "Servers MUST NOT advertise this bit unless the client successfully negotiates extended headers via
 # NBD_OPT_EXTENDED_HEADERS, and SHOULD NOT advertise this bit in response to NBD_OPT_GO if the client
@@ -219,115 +243,3 @@ def test_go_reply_with_contexts_of_another_export_breaks_ext_012():
 def test_go_reply_with_contexts_of_this_export_is_clean():
     p = pair()  # SET_META_CONTEXT and GO both name "exp"
     assert ids(p.client) == [] and p.client.transmission_flags & TxFlag.BLOCK_STATUS_PAYLOAD
-
-
-# ---------------------------------------------------------------------------- ERR-006
-# "The server SHOULD NOT return NBD_EOVERFLOW except as documented in response to NBD_CMD_READ when
-# NBD_CMD_FLAG_DF is supported, or when a command without payload requests a length larger than an
-# advertised maximum payload length" (ERR-006); proto.md, NBD_CMD_READ with structured replies: "A server
-# MAY support read requests larger than the maximum payload size by splitting the response across
-# multiple chunks ...; however, the server is also permitted to reject large read requests up front with
-# NBD_EOVERFLOW".
-
-BIG = 1 << 30
-
-
-def _eoverflow_read(length: int, *, structured: bool = True, block_size=None) -> ConnectionPair:
-    p = ConnectionPair(server=NO_FATAL)  # the simple-reply case has the client break BSZ-025
-    p.handshake(structured=structured, export_size=BIG, block_size=block_size)
-    send_lenient(p, p.client, ev.Request(cookie=1, command=Cmd.READ, length=length))
-    if structured:
-        p.send(p.server, ev.ErrorChunk(cookie=1, error=Err.EOVERFLOW, message="too large"))
-    else:
-        p.send(p.server, ev.SimpleReply(cookie=1, error=Err.EOVERFLOW))
-    return p
-
-
-@pytest.mark.parametrize(
-    ("length", "block_size", "flagged"),
-    [
-        ((1 << 25) + 512, None, False),  # over the 2^25 default maximum payload
-        (1 << 25, None, True),  # not over it
-        ((1 << 20) + 512, (512, 4096, 1 << 20), False),  # over the advertised maximum
-        (1 << 20, (512, 4096, 1 << 20), True),
-        ((1 << 25) + 512, (512, 4096, 1 << 26), True),  # the advertised maximum is larger than 2^25
-    ],
-)
-def test_eoverflow_for_a_large_structured_read(length, block_size, flagged):
-    p = _eoverflow_read(length, block_size=block_size)
-    assert ("ERR-006" in ids(p.client)) is flagged
-    # Our own server side notes a SHOULD it breaks in the transcript ("sent anyway"): only when flagged.
-    assert ("ERR-006" in str(p.server.transcript)) is flagged
-
-
-def test_eoverflow_for_a_simple_reply_read_is_still_flagged():
-    # With simple replies a READ over the maximum is the client's breach (BSZ-025); nothing documents
-    # EOVERFLOW for it.
-    p = _eoverflow_read(1 << 20, structured=False, block_size=(512, 4096, 65536))
-    assert "ERR-006" in ids(p.client)
-
-
-def test_outcome_eoverflow_table():
-    st = outcome.Negotiated(
-        export_size=BIG, transmission_flags=TxFlag.HAS_FLAGS, min_block=None, max_payload=None, contexts=0,
-        structured=True,
-    )
-    assert outcome.judge(Cmd.READ, 0, 0, (1 << 25) + 1, Err.EOVERFLOW, st) == []
-    assert [r for r, _ in outcome.judge(Cmd.READ, 0, 0, 1 << 25, Err.EOVERFLOW, st)] == ["ERR-006"]
-    simple = outcome.Negotiated(
-        export_size=BIG, transmission_flags=TxFlag.HAS_FLAGS, min_block=None, max_payload=None, contexts=0
-    )
-    assert [r for r, _ in outcome.judge(Cmd.READ, 0, 0, (1 << 25) + 1, Err.EOVERFLOW, simple)] == ["ERR-006"]
-
-
-# ---------------------------------------------------------------------------- EXT-002
-# "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN in this mode" (EXT-002, binds the
-# client). qemu-io 10.0/11.1 omit it; qemu-nbd 11.1 reads length bytes of data anyway, since "the write
-# command always sends a payload of the length given".
-
-
-def _write_without_flag(length: int, server: Strictness | None) -> tuple[ConnectionPair, bytes]:
-    p = ConnectionPair(client=Strictness(disabled=frozenset({"EXT-002"})), server=server)
-    p.handshake(extended=True, export_size=SIZE)
-    data = bytes(range(256)) * (length // 256)
-    wire = p.client.send(ev.Request(cookie=1, command=Cmd.WRITE, offset=0, length=length, payload=data))
-    # The header says length; no PAYLOAD_LEN flag.
-    (_, flags, cmd, _, _, hdr_len) = w.EXTENDED_REQUEST.unpack_from(wire)
-    assert flags & CmdFlag.PAYLOAD_LEN == 0 and cmd == Cmd.WRITE and hdr_len == length
-    assert len(wire) == w.EXTENDED_REQUEST.size + length
-    wire += p.client.send(ev.Request(cookie=2, command=Cmd.FLUSH))
-    return p, wire
-
-
-@pytest.mark.parametrize("length", [4096, 128 << 10], ids=["small", "sink"])
-def test_extended_write_without_payload_len_is_read_and_recorded(length):
-    p, wire = _write_without_flag(length, NO_FATAL)
-    got = p.deliver(p.server, wire)
-    write, flush = got
-    assert isinstance(write, ev.Request) and bytes(write.payload) == bytes(range(256)) * (length // 256)
-    assert isinstance(flush, ev.Request) and flush.command == Cmd.FLUSH  # the stream stays framed
-    assert ids(p.server) == ["EXT-002"]
-    assert p.server.violations[0].level == "MUST" and p.server.violations[0].direction == "C"
-
-
-def test_extended_write_without_payload_len_is_fatal_under_default_strictness():
-    # Its level (MUST) decides, as for every other rule: fatal by default, not forced.
-    p, wire = _write_without_flag(4096, None)
-    p.server.receive_data(wire)
-    with pytest.raises(RemoteProtocolError) as exc:
-        p.server.next_event()
-    assert exc.value.violation is not None and exc.value.violation.req_id == "EXT-002"
-
-
-def test_extended_write_without_payload_len_disabled_check():
-    p, wire = _write_without_flag(4096, Strictness(disabled=frozenset({"EXT-002"})))
-    got = p.deliver(p.server, wire)
-    assert [e.command for e in got] == [Cmd.WRITE, Cmd.FLUSH] and ids(p.server) == []
-
-
-def test_our_client_still_refuses_an_extended_write_without_payload_len():
-    p = ConnectionPair()
-    p.handshake(extended=True, export_size=SIZE)
-    with pytest.raises(LocalProtocolError, match="EXT-002"):
-        p.client.send(ev.Request(cookie=1, command=Cmd.WRITE, length=4, payload=b"abcd"))
-
