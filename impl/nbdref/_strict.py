@@ -17,6 +17,10 @@ from .requirements import MANDATORY_LEVELS
 DEFAULT_FATAL = MANDATORY_LEVELS
 
 
+# The largest payload the core buffers (a hostile length beyond it is refused before any allocation).
+PAYLOAD_CAP = 64 << 20
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Strictness:
     """Frozen configuration of the checks of one connection.
@@ -37,7 +41,7 @@ class Strictness:
     refuse: frozenset[str] = field(default_factory=frozenset)
     check_local: bool = True
     max_option_length: int = 65536 + 4096
-    max_payload: int = 64 << 20
+    max_payload: int = PAYLOAD_CAP
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disabled", frozenset(self.disabled))

@@ -47,7 +47,7 @@ from ._constants import (
 )
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Violation
 from ._sockio import sendmsg_all
-from ._strict import Strictness
+from ._strict import PAYLOAD_CAP, Strictness
 from ._transcript import Transcript
 from ._transmission import CMDFLAG_FLAG_REQ, COMMAND_FLAG_REQ, ZERO_LENGTH_REQ
 from ._wire import nbytes
@@ -86,8 +86,9 @@ class Strict(IntFlag):
     flag set the client refuses, before sending, a request of that kind; cleared, it sends the request
     and leaves the judgement to the server.  Each flag is the set of requirement ids in ``STRICT_IDS``:
     set, the core refuses a breach of any of them (``Strictness.refuse``, whatever its level); cleared,
-    those ids are in ``Strictness.disabled``.  ``AUTO_FLAG`` (0x40, libnbd >= 1.20) is not offered: the
-    client always sets NBD_CMD_FLAG_PAYLOAD_LEN as extended headers require (EXT-002).
+    those ids are in ``Strictness.disabled``.  ``AUTO_FLAG`` (0x40, libnbd >= 1.20, part of its default) is
+    accepted and changes nothing: this client always sets NBD_CMD_FLAG_PAYLOAD_LEN exactly when extended
+    headers require it (EXT-002), which is what the flag asks libnbd to do.
     """
 
     COMMANDS = 0x01  # commands and command flags the server did not advertise (NBD_FLAG_SEND_*)
@@ -96,7 +97,8 @@ class Strict(IntFlag):
     ZERO_SIZE = 0x08  # zero-length requests
     ALIGN = 0x10  # offset / length not multiples of the advertised minimum block size
     PAYLOAD = 0x20  # payloads over the client's payload maximum (get_block_size(BLOCK_SIZE_PAYLOAD))
-    ALL = 0x3F  # every flag above: the default
+    AUTO_FLAG = 0x40  # let the client set PAYLOAD_LEN itself: always so here (accepted, no effect)
+    ALL = 0x3F  # every checking flag above: the default
 
 
 # Which requirement ids each Strict flag switches (the ids are the core's, from its own tables).
@@ -119,7 +121,7 @@ STRICT_IDS: dict[Strict, frozenset[str]] = {
     # Over the advertised maximum payload (BSZ-025), over 2^25 when none was advertised (BSZ-008).
     Strict.PAYLOAD: frozenset({"BSZ-025", "BSZ-008"}),
 }
-_STRICT_NAMES = ", ".join(f"{f.name}={f.value:#x}" for f in Strict if f is not Strict.ALL)
+_STRICT_NAMES = ", ".join(f"{f.name}={f.value:#x}" for f in Strict if f is not Strict.ALL)  # AUTO_FLAG too
 
 
 def strictness_for(flags: Strict | int) -> Strictness:
@@ -151,9 +153,9 @@ def strict_flags(strictness: Strictness) -> Strict:
 def _check_strict(flags: object) -> Strict:
     if isinstance(flags, bool) or not isinstance(flags, int):
         raise TypeError(f"strict mode must be Strict flags ({_STRICT_NAMES}) or a Strictness, not {flags!r}")
-    if flags < 0 or flags & ~int(Strict.ALL):  # (~ of an IntFlag would drop the unknown bits)
+    if flags < 0 or flags & ~(int(Strict.ALL) | int(Strict.AUTO_FLAG)):  # (~ of an IntFlag drops unknown bits)
         raise ValueError(f"strict mode {flags:#x} is not a combination of the Strict flags {_STRICT_NAMES}")
-    return Strict(flags)
+    return Strict(flags & int(Strict.ALL))
 
 _RECV_CHUNK = 256 * 1024
 # With a READ of at least _BIG_READ bytes in flight, the driver reads reply headers in small pieces so
@@ -432,8 +434,8 @@ class Client:
         self.connect_socket(_connect_retrying(attempt, f"connect_unix({address!r})", self._timeout, _BUSY_UNIX))
 
     def connect_tcp(self, host: str, port: int | str) -> None:
-        """Connect over TCP; a refusal or EAGAIN is retried within the timeout (a listener that is
-        restarting, or overflowing with tcp_abort_on_overflow, refuses for a moment)."""
+        """Connect over TCP; EAGAIN (no local port free for a moment) is retried within the timeout.  A
+        refusal is final at once: nobody listens (a full backlog drops the SYN and connect waits)."""
         self._before_connect("connect_tcp")  # before the socket opens: it would leak
         sock = _connect_retrying(lambda timeout: socket.create_connection((host, int(port)), timeout=timeout),
                                  f"connect_tcp({host!r}, {port!r})", self._timeout, _BUSY_TCP)
@@ -768,7 +770,8 @@ class Client:
         index = _BLOCK_SIZE_NAMES[which] if isinstance(which, str) else int(which)
         sizes = self._info.get("block_size")
         if index == BLOCK_SIZE_PAYLOAD:
-            return min(sizes[2], DEFAULT_MAX_PAYLOAD) if sizes else DEFAULT_MAX_PAYLOAD
+            # as libnbd: the advertised maximum (capped at 64 MiB, what the core accepts), else 2^25
+            return min(sizes[2], PAYLOAD_CAP) if sizes else DEFAULT_MAX_PAYLOAD
         return int(sizes[index]) if sizes else 0
 
     def get_structured_replies_negotiated(self) -> bool:
@@ -864,7 +867,7 @@ class Client:
 
     def _check_payload(self, command: int, n: int) -> None:
         """Strict.PAYLOAD: refuse a payload over the client's outgoing maximum, as libnbd does
-        (`get_block_size(BLOCK_SIZE_PAYLOAD)`: the advertised maximum, at most 2^25)."""
+        (`get_block_size(BLOCK_SIZE_PAYLOAD)`: the advertised maximum up to 64 MiB, else 2^25)."""
         limit = self.get_block_size(BLOCK_SIZE_PAYLOAD)
         if n <= limit:
             return
@@ -872,7 +875,7 @@ class Client:
         # Over an advertised maximum: "A client MUST NOT request a WRITE ... longer than the maximum payload
         # size" (BSZ-025); otherwise over 2^25: "Absent advertised constraints, a client SHOULD use ...
         # payloads of at most 2^25 bytes" (BSZ-008).
-        req_id = "BSZ-025" if sizes and n > sizes[2] else "BSZ-008"
+        req_id = "BSZ-025" if sizes else "BSZ-008"
         r = requirements.get(req_id)
         message = f"{cmd_name(command)} payload of {n} bytes exceeds the payload maximum {limit} (Strict.PAYLOAD)"
         violation = Violation(req_id=req_id, level=r.level, binds=r.binds, message=message, direction="C")

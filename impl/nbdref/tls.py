@@ -330,9 +330,10 @@ def _libssl() -> ctypes.CDLL:
     except OSError:
         pass
     if path is None:
-        path = ctypes.util.find_library("ssl")
-    if path is None:
-        raise RuntimeError("TLS-PSK needs Python >= 3.13 or a libssl reachable with ctypes")
+        # No guess with find_library: a libssl other than the one the _ssl module linked (a statically
+        # linked OpenSSL) would write into a struct that is not its own.
+        raise RuntimeError("the _ssl module's libssl is not a mapped shared library (statically linked "
+                           "OpenSSL?): TLS-PSK through ctypes needs it; on Python >= 3.13 the native API is used")
     lib = ctypes.CDLL(path)
     lib.SSL_CTX_set_psk_client_callback.argtypes = [ctypes.c_void_p, _PSK_CLIENT_CB]
     lib.SSL_CTX_set_psk_client_callback.restype = None

@@ -84,7 +84,8 @@ def without(flag: Strict) -> Strict:
 def test_flag_values_are_libnbds() -> None:
     # libnbd's generator/API.ml (strict_flags) and libnbd.h: LIBNBD_STRICT_COMMANDS 0x01 ... PAYLOAD 0x20.
     assert {f.name: f.value for f in Strict if f is not Strict.ALL} == {
-        "COMMANDS": 0x01, "FLAGS": 0x02, "BOUNDS": 0x04, "ZERO_SIZE": 0x08, "ALIGN": 0x10, "PAYLOAD": 0x20}
+        "COMMANDS": 0x01, "FLAGS": 0x02, "BOUNDS": 0x04, "ZERO_SIZE": 0x08, "ALIGN": 0x10, "PAYLOAD": 0x20,
+        "AUTO_FLAG": 0x40}
     assert Strict.ALL == 0x3F
 
 
@@ -108,7 +109,27 @@ def test_zero_is_lenient() -> None:
     assert c.get_strictness() == Strictness.lenient()
 
 
-@pytest.mark.parametrize("bad", [0x40, 0x7F, 1 << 31, -1])
+def test_auto_flag_is_accepted_as_libnbd_1_20_default() -> None:
+    """libnbd >= 1.20's default mask includes AUTO_FLAG (0x40): accepted, and it changes nothing here
+    (the client always sets PAYLOAD_LEN exactly when extended headers need it)."""
+    c = Client()
+    c.set_strict_mode(0x7F)
+    assert c.get_strict_mode() == Strict.ALL
+
+
+def test_payload_limit_is_the_advertised_maximum_not_2_25() -> None:
+    """As libnbd: with a maximum advertised, the payload limit is that maximum (up to 64 MiB); 2^25 only
+    when none was sent (BSZ-008 applies only then)."""
+    c = Client()
+    c._info["block_size"] = (1, 4096, 64 << 20)
+    assert c.get_block_size("payload") == 64 << 20
+    c._info["block_size"] = (1, 4096, 128 << 20)
+    assert c.get_block_size("payload") == 64 << 20
+    del c._info["block_size"]
+    assert c.get_block_size("payload") == 32 << 20
+
+
+@pytest.mark.parametrize("bad", [0x80, 0xFF, 1 << 31, -1])
 def test_unknown_bits_are_refused_naming_the_flags(bad: int) -> None:
     c = Client()
     with pytest.raises(ValueError, match=r"COMMANDS=0x1.*PAYLOAD=0x20"):
@@ -132,7 +153,7 @@ def test_a_strictness_is_still_accepted_and_reported_as_flags() -> None:
 def test_each_flag_switches_exactly_its_ids() -> None:
     ids = [i for group in STRICT_IDS.values() for i in group]
     assert len(ids) == len(set(ids)), "a requirement belongs to one flag"
-    assert set(STRICT_IDS) == {f for f in Strict if f is not Strict.ALL}
+    assert set(STRICT_IDS) == {f for f in Strict if f not in (Strict.ALL, Strict.AUTO_FLAG)}
     for req_id in ids:
         assert requirements.binds(req_id) in ("client", "both"), req_id
     for flag, own in STRICT_IDS.items():

@@ -183,7 +183,114 @@ def test_cli_shows_and_passes_the_caps(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for opt in ("--max-connections", "--max-threads", "--max-buffer", "--max-connection-buffer"):
+    for opt in ("--max-connections", "--max-threads", "--max-buffer", "--max-connection-buffer",
+                "--max-requests-in-flight"):
         assert opt in out
     args = cli.build_parser().parse_args(["--max-connections", "7", "--max-buffer", "64M"])
     assert args.max_connections == 7 and args.max_buffer == 64 * MiB
+    assert cli.build_parser().parse_args(["--max-requests-in-flight", "9"]).max_requests_in_flight == 9
+
+
+def raw(server, timeout: float = TIMEOUT) -> socket.socket:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(timeout)
+    rc.OPENED.append(c)
+    c.connect(server.address)
+    rc.handshake(c)
+    return c
+
+
+def test_writes_partway_do_not_starve_each_other_of_the_budget(serve):
+    """Three clients each send half of a 4 MiB WRITE, pause, then the rest, through a budget of little
+    more than two payloads.  Charged read by read (at most 1 MiB ahead), the partial payloads filled the
+    budget and none could finish until io_timeout; with each payload charged whole at its header, two
+    go through and the third waits for room, then goes through too."""
+    size = 4 * MiB
+    s = serve([Export.memory("exp", 16 * MiB)], max_buffer=2 * size + MiB // 4,
+              max_connection_buffer=2 * size + MiB // 4, io_timeout=3.0)
+    results: dict[int, object] = {}
+    socks: list[socket.socket] = []
+
+    def writer(i: int) -> None:
+        try:
+            c = raw(s, timeout=10.0)
+            socks.append(c)
+            data = bytes([i + 1]) * size
+            c.sendall(rc.request(1, i * size, size, cookie=i + 1) + data[: size // 2])
+            time.sleep(0.5)
+            c.sendall(data[size // 2 :])
+            results[i] = rc.simple_reply(c)
+        except Exception as e:  # reported by the assertion below
+            results[i] = e
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert results == {i: (0, i + 1) for i in range(3)}
+    assert time.monotonic() - t0 < 3.0  # nobody waited for io_timeout
+    assert not any(r.ended.is_set() for r in s.records)  # none was cut off
+    c = client(s)
+    assert [c.pread(16, i * size) for i in range(3)] == [bytes([i + 1]) * 16 for i in range(3)]
+    c.shutdown()
+    for c in socks:
+        c.close()
+    wait_until(lambda: s.buffer_budget.used == 0)
+
+
+def test_pipelined_reads_are_capped_in_flight(serve, tmp_path):
+    """A client that sends 2,000 READs and reads no reply: the reader stops at the in-flight cap (the
+    worker pool's queue stays bounded), and every reply arrives once the client reads."""
+    path = tmp_path / "disk"
+    path.write_bytes(bytes(range(256)) * 4096)
+    s = serve([Export.file("exp", path)], max_requests_in_flight=16, workers=2)
+    c = raw(s, timeout=10.0)
+    n = 2000
+    sender = threading.Thread(target=c.sendall,
+                              args=(b"".join(rc.request(0, (i % 1000) * 512, 65536, cookie=i + 1) for i in range(n)),))
+    sender.start()
+    wait_until(lambda: s._sessions and next(iter(s._sessions.values())).in_flight >= 16)
+    time.sleep(0.5)  # the server has had time to read far more if it did not wait
+    session = next(iter(s._sessions.values()))
+    assert session.in_flight_peak <= 16
+    assert s.records[0].requests < 200  # the cap, plus replies that fit in the socket buffers
+    seen = set()
+    for _ in range(n):
+        err, cookie = rc.simple_reply(c)
+        assert err == 0
+        rc.recv_exact(c, 65536)
+        seen.add(cookie)
+    sender.join(TIMEOUT)
+    assert seen == set(range(1, n + 1))
+    assert session.in_flight_peak <= 16 and s.records[0].requests == n
+    c.sendall(rc.request(2))  # DISC
+    assert rc.closed(c)
+
+
+def test_failure_after_admission_gives_the_slots_back(serve, monkeypatch):
+    """An exception building the session (or setting up the socket) after the slots were taken used to
+    leak both slots and kill the accept thread."""
+    from nbdref.server import _server
+
+    real = _server.Session
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_server, "Session", failing)
+    s = serve([Export.memory("exp", 4 * MiB)])
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(TIMEOUT)
+    rc.OPENED.append(c)
+    c.connect(s.address)
+    assert rc.closed(c)
+    wait_until(lambda: s.connection_slots.used == 0 and s.thread_slots.used == 0)
+    write_read(s)
+    assert len(calls) == 2
+    wait_until(lambda: s.connection_slots.used == 0 and s.thread_slots.used == 0)

@@ -119,19 +119,23 @@ class ExtentMap:
     def run_count(self) -> int:
         return len(self._starts)
 
-    def _full(self, offset: int, length: int) -> tuple[int, int]:
-        g, end = self.granularity, min(offset + length, self.size)
+    def _full(self, offset: int, length: int, tail_full: bool = True) -> tuple[int, int]:
+        g, end = self.granularity, offset + length
         first = -(-offset // g) * g
-        last = end if end >= self.size else end // g * g  # the short tail block counts as full
+        # The short tail block counts as full if tail_full; else only if the range covers it, past EOF.
+        last = self.size if tail_full and end >= self.size else min(end // g * g, self.size)
         return first, max(first, last)
 
     def _touched(self, offset: int, length: int) -> tuple[int, int]:
         g, end = self.granularity, min(offset + length, self.size)
         return offset // g * g, min(-(-end // g) * g, self.size)
 
-    def set_full(self, offset: int, length: int, state: int) -> None:
-        """Set the blocks lying wholly inside [offset, offset+length) (the export's tail block counts)."""
-        self.set_exact(*self._full(offset, length), state)
+    def set_full(self, offset: int, length: int, state: int, *, tail_full: bool = True) -> None:
+        """Set the blocks lying wholly inside [offset, offset+length).  The export's short tail block
+        counts as full when the range reaches EOF, unless ``tail_full`` is false: then it counts only
+        if the range covers the whole block, past EOF (a punch ending at an unaligned EOF frees no
+        block there, so a HOLE update must not claim it)."""
+        self.set_exact(*self._full(offset, length, tail_full), state)
 
     def set_touched(self, offset: int, length: int, state: int) -> None:
         """Set every block that [offset, offset+length) touches."""

@@ -166,6 +166,14 @@ class FileBackend(Backend):
             view, offset = view[n:], offset + n
 
     def pwrite(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        # Every mutation does its system call and its map update under ``self._lock``: otherwise a
+        # zero's HOLE / ZERO update could land after an overlapping write's DATA, over real data.
+        with self._lock:
+            self._pwrite_locked(offset, data)
+        if fua:
+            self.flush()
+
+    def _pwrite_locked(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         start, n = offset, view.nbytes
         try:
@@ -176,14 +184,12 @@ class FileBackend(Backend):
             # Even a failed write may have allocated blocks: data is the safe answer for all it touched.
             if not self.read_only:
                 self._map.set_touched(start, n, _DATA)
-        if fua:
-            self.flush()
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
-            self.pwrite(offset, _ZERO_CHUNK[:n])
+            self._pwrite_locked(offset, _ZERO_CHUNK[:n])  # the caller holds self._lock
             offset += n
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -208,8 +214,9 @@ class FileBackend(Backend):
             # outside the range.  A punched range is a hole.  Zeroes written or ZERO_RANGE'd are
             # allocated zeroes (ext4 calls unwritten extents holes; NO_HOLE asked for allocation), and
             # so is a partial block that was a hole (ext4's ZERO_RANGE allocates it, writing does too).
+            # A punch up to an unaligned EOF does not cover the short tail block: it stays as it was.
             if done and may_trim:
-                self._map.set_full(offset, length, _HOLE)
+                self._map.set_full(offset, length, _HOLE, tail_full=False)
             else:
                 self._map.set_full(offset, length, _ZERO)
                 self._map.replace_touched(offset, length, _HOLE, _ZERO)

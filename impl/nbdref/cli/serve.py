@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_BUFFER,
         DEFAULT_MAX_CONNECTION_BUFFER,
         DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_REQUESTS_IN_FLIGHT,
         DEFAULT_MAX_THREADS,
     )
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--max-connection-buffer", type=parse_size, default=DEFAULT_MAX_CONNECTION_BUFFER,
                       metavar="SIZE", help="the same for one connection; a longer declared WRITE is refused "
                                            f"(default {DEFAULT_MAX_CONNECTION_BUFFER >> 20}M)")
+    caps.add_argument("--max-requests-in-flight", type=int, default=DEFAULT_MAX_REQUESTS_IN_FLIGHT, metavar="N",
+                      help="requests of one connection read and not yet answered; it reads no more "
+                           "until replies go out (default %(default)s)")
     how.add_argument("--pid-file", metavar="PATH")
     how.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                   oldstyle=args.oldstyle, mask_handshake=args.mask_handshake,
                   max_connections=args.max_connections, max_threads=args.max_threads,
                   max_buffer=args.max_buffer, max_connection_buffer=args.max_connection_buffer,
+                  max_requests_in_flight=args.max_requests_in_flight,
                   max_records=100)  # a long-running server must not keep every transcript forever
     if args.stdin:
         return _serve_stdin(export, common)

@@ -129,6 +129,22 @@ class Account:
         self.limit = limit
         self.held = 0
         self.queued = 0
+        self.pledged = 0  # the whole declared payload being received, charged before its bytes
+
+    def pledge(self, n: int, in_core: int, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Charge the whole ``n``-byte payload that has started arriving, before reading more of it
+        (what the core holds of it already counts): a connection that got its pledge can always finish
+        its payload, so connections partway through big WRITEs cannot starve each other.  False when
+        the room did not become free within ``timeout``."""
+        with self.budget.cond:
+            self.settle(in_core)
+            extra = max(0, n - in_core)
+            got = self.budget.take(extra, timeout=timeout, cap=lambda: self.limit - self.held, stop=stop)
+            if extra and not got:
+                return False
+            self.held += got
+            self.pledged = n
+        return True
 
     @property
     def max_payload(self) -> int:
@@ -148,7 +164,7 @@ class Account:
         """The core now holds ``in_core`` bytes of ours: give back what the last reservation did not use
         (and what the core consumed)."""
         with self.budget.cond:
-            new = in_core + self.queued
+            new = max(in_core, self.pledged) + self.queued  # a pledge covers the payload's bytes in the core
             delta = new - self.held
             self.held = new
             self.budget.used += delta
@@ -156,9 +172,11 @@ class Account:
                 self.budget.cond.notify_all()
 
     def queue(self, n: int) -> None:
-        """A payload of ``n`` bytes left the core for a worker: still held, until ``done``."""
+        """A payload of ``n`` bytes left the core for a worker: still held, until ``done``.  The request
+        was complete, so its pledge (if any) ends; the next ``settle`` gives back what it does not cover."""
         with self.budget.cond:
             self.queued += n
+            self.pledged = 0
 
     def done(self, n: int) -> None:
         """The request whose payload was ``n`` bytes is answered: its bytes are free."""
@@ -171,5 +189,5 @@ class Account:
     def close(self) -> None:
         with self.budget.cond:
             self.budget.used -= self.held
-            self.held = self.queued = 0
+            self.held = self.queued = self.pledged = 0
             self.budget.cond.notify_all()

@@ -32,6 +32,7 @@ DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_THREADS = 512  # connection threads (one each) + their workers
 DEFAULT_MAX_BUFFER = 512 << 20  # bytes read from clients and not yet answered, all connections
 DEFAULT_MAX_CONNECTION_BUFFER = 128 << 20  # the same for one connection (4 WRITEs of 2^25 in flight)
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 256  # requests read and not yet answered, per connection
 _REFUSAL_LOG_INTERVAL = 5.0
 
 
@@ -46,7 +47,8 @@ class Server:
     Caps: at most ``max_connections`` connections and ``max_threads`` threads (each connection's own,
     plus its workers, taken from what is left when its first request needs one); connections beyond
     them are closed at once (``refused`` counts them).  ``max_buffer`` / ``max_connection_buffer``
-    bound the bytes read from clients and not yet answered (see ``Account``).
+    bound the bytes read from clients and not yet answered (see ``Account``); a connection reads no
+    new request while ``max_requests_in_flight`` of its requests are unanswered.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Server:
         max_threads: int = DEFAULT_MAX_THREADS,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         max_connection_buffer: int = DEFAULT_MAX_CONNECTION_BUFFER,
+        max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT,
     ) -> None:
         self.exports: list[Export] = [exports] if isinstance(exports, Export) else list(exports)
         if not self.exports:
@@ -91,6 +94,9 @@ class Server:
         self.thread_slots = Budget(max_threads)
         self.buffer_budget = Budget(max_buffer)
         self.max_connection_buffer = max_connection_buffer
+        if max_requests_in_flight < 1:
+            raise ValueError(f"max_requests_in_flight must be positive, not {max_requests_in_flight}")
+        self.max_requests_in_flight = max_requests_in_flight
         self.refused = 0  # connections closed at once because a cap was reached
         self._refusal_logged = 0.0
         self.persona = personas_mod.get(persona)
@@ -228,12 +234,24 @@ class Server:
                 self._refuse(describe_peer(sock))
                 sock.close()
                 continue
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Room for a whole 4 MiB reply in the kernel: fewer partial sendmsg rounds per READ.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            self._serve_admitted(SocketTransport(sock), describe_peer(sock))
+            try:
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Room for a whole 4 MiB reply in the kernel: fewer partial sendmsg rounds per READ.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                transport = SocketTransport(sock)
+                peer = describe_peer(sock)
+            except Exception:  # e.g. the client reset already: drop it, keep accepting
+                log.warning("cannot set up an accepted connection", exc_info=True)
+                self._release_slots()
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
+            try:
+                self._serve_admitted(transport, peer)  # gives the slots back itself when it fails
+            except Exception:
+                log.exception("cannot serve a connection from %s", peer)
 
     def _admit(self) -> bool:
         """Take a connection slot and its thread, or neither."""
@@ -243,6 +261,10 @@ class Server:
             self.connection_slots.give(1)
             return False
         return True
+
+    def _release_slots(self) -> None:
+        self.thread_slots.give(1)
+        self.connection_slots.give(1)
 
     def _refuse(self, peer: str) -> None:
         self.refused += 1
@@ -275,17 +297,13 @@ class Server:
     def _serve_admitted(self, transport: Transport, peer: str, *, wait: bool = False) -> ConnectionRecord:
         cid = next(self._ids)
         record = ConnectionRecord(id=cid, peer=peer)
-        session = Session(
-            transport, record,
-            exports=self.exports, persona=self.persona, fault=self.fault, tls_mode=self.tls.mode,
-            tls_context=self._tls_context,
-            handshake_timeout=self._handshake_limit(),
-            io_timeout=self.io_timeout, workers=self.workers, read_shape=self.read_shape,
-            stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
-            tls_handshake_timeout=self.tls.handshake_timeout,
-            oldstyle=self.oldstyle, mask_handshake=self.mask_handshake,
-            threads=self.thread_slots, account=Account(self.buffer_budget, self.max_connection_buffer),
-        )
+        try:
+            session = self._session(transport, record)
+        except BaseException:
+            self._release_slots()
+            with contextlib.suppress(OSError):
+                transport.close()
+            raise
         with self._lock:
             self.records.append(record)
             if self.max_records is not None and len(self.records) > self.max_records:
@@ -308,10 +326,23 @@ class Server:
                 transport.close()
             with self._lock:
                 self._sessions.pop(cid, None)
-            self.thread_slots.give(1)
-            self.connection_slots.give(1)
+            self._release_slots()
             record.ended.set()
         return record
+
+    def _session(self, transport: Transport, record: ConnectionRecord) -> Session:
+        return Session(
+            transport, record,
+            exports=self.exports, persona=self.persona, fault=self.fault, tls_mode=self.tls.mode,
+            tls_context=self._tls_context,
+            handshake_timeout=self._handshake_limit(),
+            io_timeout=self.io_timeout, workers=self.workers, read_shape=self.read_shape,
+            stopping=self._stopping, strictness=self.strictness, transcript=self.transcript,
+            tls_handshake_timeout=self.tls.handshake_timeout,
+            oldstyle=self.oldstyle, mask_handshake=self.mask_handshake,
+            threads=self.thread_slots, account=Account(self.buffer_budget, self.max_connection_buffer),
+            max_in_flight=self.max_requests_in_flight,
+        )
 
     def _handshake_limit(self) -> float | None:
         if self.handshake_timeout is None:

@@ -68,6 +68,7 @@ class Session:
         mask_handshake: int = 0xFFFF,
         threads: Budget | None = None,
         account: Account | None = None,
+        max_in_flight: int = 256,
     ) -> None:
         self.t = transport
         self.record = record
@@ -106,6 +107,13 @@ class Session:
         # and not yet answered (see _recv).
         self.threads = threads
         self.account = account
+        # Requests read and not yet answered: the reader takes a slot before reading each request and
+        # waits while none is free (a client that pipelines without reading replies is held up by TCP).
+        self.max_in_flight = max_in_flight
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._count_lock = threading.Lock()
+        self.in_flight = 0
+        self.in_flight_peak = 0
 
     # ------------------------------------------------------------------ entry point
 
@@ -180,15 +188,24 @@ class Session:
                 if declared > acct.max_payload:
                     raise Disconnect(f"WRITE payload of {declared} bytes exceeds the {acct.max_payload}-byte "
                                      "buffer budget of a connection")
-                acct.settle(in_core)
-                want = min(len(buf), _RECV_MAX)
-                got = acct.reserve(want, min(want, _RECV_SIZE), 30.0 if timeout is None else timeout,
-                                   self.stopping)
-                if not got:
-                    if self.stopping.is_set():
-                        raise Disconnect("server stopping")
-                    raise TimeoutError("no room in the server's buffer budget")
-                buf = buf[:got]
+                wait = 30.0 if timeout is None else timeout
+                if declared:
+                    # A payload is arriving (into its own buffer: the read below lands in it): charge all
+                    # of it once, then read the rest without charging each read.
+                    if not acct.pledged and not acct.pledge(declared, in_core, wait, self.stopping):
+                        if self.stopping.is_set():
+                            raise Disconnect("server stopping")
+                        raise TimeoutError("no room in the server's buffer budget")
+                    buf = buf[:_RECV_MAX]
+                else:
+                    acct.settle(in_core)
+                    want = min(len(buf), _RECV_MAX)
+                    got = acct.reserve(want, min(want, _RECV_SIZE), wait, self.stopping)
+                    if not got:
+                        if self.stopping.is_set():
+                            raise Disconnect("server stopping")
+                        raise TimeoutError("no room in the server's buffer budget")
+                    buf = buf[:got]
             try:
                 n = self.t.recv_into(buf)
                 with self._core_lock:
@@ -409,6 +426,7 @@ class Session:
         inline_reads = isinstance(export.backend, MemoryBackend)
         try:
             while True:
+                self._take_slot()
                 e = self._next_message(None, "client closed the connection (hard disconnect)")
                 if not isinstance(e, ev.Request):
                     raise Disconnect(f"unexpected {type(e).__name__} in transmission")
@@ -437,6 +455,22 @@ class Session:
             if taken and self.threads is not None:
                 self.threads.give(taken)
 
+    def _take_slot(self) -> None:
+        """Wait for an in-flight slot before reading the next request; its reply gives it back."""
+        while not self._slots.acquire(timeout=0.25):
+            if self.stopping.is_set():
+                raise Disconnect("server stopping")
+            if self._dead.is_set():
+                raise Disconnect(self.record.reason or "connection failed")
+        with self._count_lock:
+            self.in_flight += 1
+            self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+
+    def _give_slot(self) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+        self._slots.release()
+
     def _worker_pool(self) -> tuple[int, ThreadPoolExecutor | None]:
         """Up to ``workers`` threads of what the server's thread budget has left (none: answer inline).
 
@@ -449,9 +483,10 @@ class Session:
 
     def _hold(self, req: ev.Request) -> int:
         """A request's payload stays charged to the byte budget until its reply is sent."""
-        n = len(req.payload) if req.payload is not None and self.account is not None else 0
-        if n:
-            self.account.queue(n)  # type: ignore[union-attr]
+        if self.account is None:
+            return 0
+        n = len(req.payload) if req.payload is not None else 0
+        self.account.queue(n)  # also ends the payload's pledge, even when the core kept no payload
         return n
 
     def _serve_held(self, executor: Executor, req: ev.Request, held: int) -> None:
@@ -460,6 +495,7 @@ class Session:
         finally:
             if held:
                 self.account.done(held)  # type: ignore[union-attr]
+            self._give_slot()
 
     def _refusals(self, req: ev.Request) -> list[tuple[str, int | None]]:
         """The core's "which error does a correct server owe" table, for the executor's workers."""
