@@ -294,3 +294,24 @@ def test_failure_after_admission_gives_the_slots_back(serve, monkeypatch):
     write_read(s)
     assert len(calls) == 2
     wait_until(lambda: s.connection_slots.used == 0 and s.thread_slots.used == 0)
+
+
+def test_headers_whose_data_never_comes_hold_no_budget(serve):
+    """WRITE headers of a whole payload each with no data (a flood) charge nothing until their first
+    byte arrives: a budget of two payloads does not stop a third, normal client from its handshake, a
+    write and a read.  (Charging the payload at its header let such a flood lock everyone out.)"""
+    size = 4 * MiB
+    s = serve([Export.memory("exp", 16 * MiB)], max_buffer=2 * size, max_connection_buffer=size,
+              io_timeout=10.0)
+    flood = []
+    for i in range(3):
+        c = raw(s, timeout=10.0)
+        c.sendall(rc.request(1, i * size, size, cookie=i + 1))      # the header alone
+        flood.append(c)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    write_read(s)
+    assert time.monotonic() - t0 < 3.0, "the normal client waited for the flood's budget"
+    for c in flood:
+        c.close()
+    wait_until(lambda: s.buffer_budget.used == 0)

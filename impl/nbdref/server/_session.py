@@ -189,9 +189,11 @@ class Session:
                     raise Disconnect(f"WRITE payload of {declared} bytes exceeds the {acct.max_payload}-byte "
                                      "buffer budget of a connection")
                 wait = 30.0 if timeout is None else timeout
-                if declared:
-                    # A payload is arriving (into its own buffer: the read below lands in it): charge all
-                    # of it once, then read the rest without charging each read.
+                if declared and (acct.pledged or in_core):
+                    # A payload is arriving (some of it is here; the read below lands in its own buffer):
+                    # charge all of it once, then read the rest without charging each read.  Not before its
+                    # first byte: a header whose data never comes must not hold the budget (a flood of
+                    # such headers would otherwise lock every other client out, handshakes included).
                     if not acct.pledged and not acct.pledge(declared, in_core, wait, self.stopping):
                         if self.stopping.is_set():
                             raise Disconnect("server stopping")
