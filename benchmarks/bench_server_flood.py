@@ -35,6 +35,8 @@ from nbdref import events as ev
 from nbdref._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, HandshakeFlag, Info
 from nbdref.client import Client
 
+from fixtures.readiness import wait_ready
+
 MiB = 1 << 20
 TIMEOUT = 30.0
 
@@ -45,21 +47,6 @@ def _status_kib(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def _wait_ready(path: str, proc: subprocess.Popen) -> None:
-    """Ready when a connect succeeds and NBDMAGIC arrives."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        with suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(path)
-            if s.recv(8) == b"NBDMAGIC":
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} not ready")
 
 
 def _events(sock: socket.socket, conn: ClientConnection) -> ev.Event:
@@ -124,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     latencies: list[float] = []
     errors: list[str] = []
     try:
-        _wait_ready(path, proc)
+        wait_ready(unix=path, timeout=TIMEOUT, alive=lambda: proc.poll() is None)
         uri = f"nbd+unix:///?socket={path}"
         normal_round(uri, data)  # warm-up: imports, first pages of the export
         before = _status_kib(proc.pid, "VmRSS")

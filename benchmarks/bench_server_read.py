@@ -19,29 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager, suppress
 
+from fixtures.readiness import wait_ready
+
 GiB = 1 << 30
-
-
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Ready when a connect succeeds and NBDMAGIC arrives (research/docker-spike.md: readiness)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        with suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(path)
-            if s.recv(8) == b"NBDMAGIC":
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} not ready")
 
 
 def _fill(path: str, size: int) -> None:
@@ -73,7 +59,7 @@ def _server(argv: list[str], sock: str, env: dict[str, str] | None = None):
         os.unlink(sock)
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        _wait_socket(sock, proc)
+        wait_ready(unix=sock, timeout=30, alive=lambda: proc.poll() is None)
         yield proc
     finally:
         proc.terminate()
