@@ -1,5 +1,5 @@
 """The vendored catalogues are the copies they claim to be: checked against recorded digests, never
-skipped, and with no file outside the repository read (a clone needs no ../shared)."""
+skipped, and with no file outside the repository read (a clone needs nothing beside it)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = ROOT / "fixtures" / "data" / "vendored.sha256"
-TIMELINE_MARKER = "# ---- verbatim copy of ../shared/spec/timeline.yaml starts here ----\n"
+TIMELINE_MARKER = "# ---- verbatim copy of the spec's timeline.yaml starts here (digest: fixtures/data/vendored.sha256) ----\n"
 
 
 def recorded() -> dict[str, str]:
