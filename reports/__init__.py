@@ -1,6 +1,7 @@
-"""Reports built from a run's results file (fixtures/judging.py): index.json and requirements.json.
+"""Reports built from a run's results file (fixtures/judging.py): index.json, requirements.json, the
+matrix page (reports/html.py) and the merge of shards' results (reports/merge.py).
 
-See reports/README.md; `python -m reports build` writes them.
+See reports/README.md; `python -m reports build` writes them, `python -m reports merge` combines shards.
 """
 
 from reports.index import (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,6 +67,16 @@ def load_run(results_path: str | Path) -> tuple[dict[str, Any], list[Result]]:
         except (KeyError, TypeError, ValueError) as e:
             raise ReportError(f"{path}: results[{i}]: malformed record ({type(e).__name__}: {e})") from None
     return harness, results
+
+
+def rebase_evidence(results: list[Result], results_dir: str | Path, out_dir: str | Path) -> None:
+    """Evidence paths are relative to the results file's directory (fixtures/evidence.py); the documents
+    written into `out_dir` name them relative to it.  Bare names (no file was written) stay as they are."""
+    src, dst = Path(results_dir).resolve(), Path(out_dir).resolve()
+    if src == dst:
+        return
+    for r in results:
+        r.evidence = [Path(os.path.relpath(src / e, dst)).as_posix() if "/" in e else e for e in r.evidence]
 
 
 def _harness(header: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +168,8 @@ def _result(r: Result) -> dict[str, Any]:
             "requirements": named_requirements(r), "subject": r.subject,
             "client": r.client.id if r.client else None, "server": r.server.id if r.server else None,
             "verdict": str(r.verdict), "expected": r.expected, "observed": r.observed,
-            "evidence": list(r.evidence), "baseline": r.baseline}
+            "evidence": list(r.evidence), "baseline": r.baseline,
+            "observed_requirements": list(r.observed_requirements)}
 
 
 # --------------------------------------------------------------------------------------------------

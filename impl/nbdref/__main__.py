@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "info": "nbdref.cli.info",    # like nbdinfo: size, flags, block sizes, contexts, exports, map
     "serve": "nbdref.cli.serve",  # the reference server
+    "proxy": "nbdref.cli.proxy",  # the validating proxy: checks both sides of a real pair
 }
 
 

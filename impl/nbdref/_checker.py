@@ -26,6 +26,11 @@ _KNOWN_REPLY_TYPES = frozenset(int(t) for t in ReplyType)
 _DATA_CAP = 64  # bytes of offending data kept in a Violation
 
 
+# Where the ids of rules that held on our own messages go: a set nobody reads (bounded by the number of
+# ids), so recording costs one C call whoever sent the message.
+UNRECORDED: set[str] = set()
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -92,9 +97,11 @@ class Checker:
 
         On our own message a breach raises LocalProtocolError (unless local checks are off); on the
         peer's it records a Violation, raised later if its level is fatal or ``fatal`` (the stream
-        cannot be parsed on).
+        cannot be parsed on).  A rule checked on the peer's message goes into ``checked`` (not when it
+        broke and its check is switched off: then nothing was judged).
         """
         if ok:
+            self._record(req_id)
             return True
         r = _req.get(req_id)
         ours = self._sender is self.role
@@ -102,6 +109,8 @@ class Checker:
             if ours and r.level in MANDATORY_LEVELS:
                 self.local_breach = True
             return True
+        if not ours:
+            self.checked.add(req_id)
         v = Violation(
             req_id=req_id,
             level=r.level,
@@ -157,6 +166,7 @@ class Checker:
             return
         self._parse_noted.add((req_id, message))
         self._sender, self._raw = self.peer, raw
+        self._record = self.checked.add
         self._found, self._fatal_ids = [], set()
         self._check(False, req_id, message, fatal=fatal)
         if self._found:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 
 from . import _events as ev
 from . import _wire as w
 from ._buffer import ReceiveBuffer
-from ._checker import _DATA_CAP, _Reply
+from ._checker import _DATA_CAP, UNRECORDED, _Reply
 from ._constants import (
     ClientFlag,
     Cmd,
@@ -45,6 +46,7 @@ _TARGETS: dict[tuple[State, Role, type], State] = {}
 # event class -> handler (or _NO_HANDLER), filled from Connection._HANDLERS the same way.
 _HANDLER_CACHE: dict[type, object] = {}
 _NO_HANDLER = object()
+_SILENT = Transcript(enabled=False)  # what observe() records into: the decoding connection recorded it
 _FAST_KINDS = (ev.Request, ev.SimpleReply, ev.OffsetData)  # encoded without an isinstance chain
 
 
@@ -75,12 +77,23 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         role: Role,
         strictness: Strictness | None = None,
         transcript: Transcript | None = None,
+        *,
+        discard_payloads: bool = False,
     ) -> None:
         self.role = role
+        # An observer (a proxy) forwards payloads and need not keep them: WRITE data of 64 KiB or more
+        # and READ data are then counted past, not stored (events carry payload/data None).
+        self.discard_payloads = discard_payloads
+        self._discarding = False  # the sink in progress counts bytes past instead of storing them
+        self._scratch: memoryview | None = None  # where get_buffer lets discarded bytes land
         self.peer = SERVER if role is CLIENT else CLIENT
         self.strictness = strictness or Strictness()
         self.transcript = transcript if transcript is not None else Transcript()
         self.violations: list[Violation] = []
+        # Ids of the rules checked on the peer's messages, held or broken: what this connection really
+        # observed of the peer (a suite's req marker claims no more; the coverage listing counts these).
+        self.checked: set[str] = set()
+        self._after_peer_write = False  # the peer's last request was a WRITE (see WR-002 in _on_request)
         self._state = State.GREETING
         self._buf = ReceiveBuffer()
         self._eof = False
@@ -123,6 +136,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._completed: deque[int] = deque(maxlen=256)  # recently completed cookies (SR-011)
         self._next_cookie = 1
         self._sender: Role = role
+        # Where the ids of rules that held go for the message being processed: ``checked`` for the
+        # peer's messages, nowhere for ours (set with ``_sender``; one C call per check on the hot path).
+        self._record: Callable[[str], None] = UNRECORDED.add
         self._dir = role.value  # "C" or "S": transcript direction of what we send
         self._peer_dir = self.peer.value
         self._raw: bytes = b""
@@ -220,6 +236,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     def _process(self, sender: Role, e: ev.Event, raw: bytes) -> None:
         """Check ``e`` against the rules binding ``sender`` and apply its effects."""
         self._sender, self._raw = sender, raw
+        self._record = self.checked.add if sender is self.peer else UNRECORDED.add
         if self._found:
             self._found = []
         if self._fatal_ids:
@@ -282,11 +299,42 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             return dataclasses.replace(e, zeroes=not self.no_zeroes)
         return e
 
+    def observe(self, event: ev.Event) -> None:
+        """Apply a message that *our* role's side sent, decoded by another connection (a proxy).
+
+        A validating proxy runs a ServerConnection on the client's bytes and a ClientConnection on the
+        server's; each is told what the other side sent, so both follow the same negotiation.  The
+        message moves the state exactly as ``send`` would, but nothing is encoded or recorded here: the
+        connection that decoded it already checked it and put it in its transcript (share one
+        Transcript for a single C:/S: log).  Use a lenient Strictness (``check_local=False``): a breach
+        found again here is the other side's, already a Violation over there; it only sets
+        ``local_breach``, so this side's hang-up after it is legitimate (DISC-003 / DISC-017).
+        """
+        if self._state is _ERROR or self._state is _CLOSED:
+            raise LocalProtocolError(f"cannot observe {type(event).__name__} in state {self._state.name}")
+        transcript = self.transcript
+        self.transcript = _SILENT
+        try:
+            self._process(self.role, event, b"")
+        finally:
+            self.transcript = transcript
+
     def send_raw(self, data: bytes) -> bytes:
         """Arbitrary bytes for fault injection: recorded as raw, the state does not move."""
         self.local_breach = True
         self.transcript.note(self.role.value, "raw", f"raw {len(data)} bytes {bytes(data[:16]).hex()}", len(data))
         return bytes(data)
+
+    def _fixed_newstyle(self) -> bool:
+        """Both sides set the fixed-newstyle bit (NBD_FLAG_FIXED_NEWSTYLE / NBD_FLAG_C_FIXED_NEWSTYLE)."""
+        return bool((self.handshake_flags or 0) & 1 and (self.client_flags or 0) & 1)
+
+    def answered_raw(self, cookie: int) -> None:
+        """The reply to request ``cookie`` went out as raw bytes (``send_raw``, fault injection): the
+        request is no longer in flight, so the peer is not held to rules about requests in flight
+        (DISC-023, CMD-001) for it.  A no-op for a cookie not in flight."""
+        if self._inflight.pop(cookie, None) is not None:
+            self._completed.append(cookie)
 
     def _encode(self, e: ev.Event) -> list[bytes | memoryview]:
         kind = type(e)
@@ -353,7 +401,8 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             return
         if self._sink is not None and self._sink_left and not len(self._buf):
             n = min(len(data), self._sink_left)
-            self._sink_room(n)[:n] = memoryview(data)[:n]
+            if not self._discarding:
+                self._sink_room(n)[:n] = memoryview(data)[:n]
             self._sink_left -= n
             data = memoryview(data)[n:]
             if not data:
@@ -370,7 +419,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         already there: the length waited for may be the peer's word (a chunk header).
         """
         if self._sink is not None and self._sink_left and not len(self._buf):
-            view = self._sink_room(0, sizehint)
+            view = self._discard_room(sizehint) if self._discarding else self._sink_room(0, sizehint)
             self._sink_handed = len(view)
             return view
         self._sink_handed = 0
@@ -434,6 +483,7 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
     def _closed(self) -> ev.Event:
         """EOF from the peer: check what it left unfinished, then close."""
         self._sender, self._raw = self.peer, self._buf.peek(_DATA_CAP)
+        self._record = self.checked.add
         self._found, self._fatal_ids = [], set()
         if len(self._buf) or self._sink_left:
             self.transcript.note("!", "truncated", f"EOF inside a message ({len(self._buf)} bytes pending)")
@@ -450,6 +500,17 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             else:
                 # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
                 self._check(False, "DISC-024", f"EOF with {len(self._inflight)} requests in flight")
+        elif self._state is State.DISCONNECTING:
+            # The close came after NBD_CMD_DISC, every request answered: the disconnect rules held
+            # (DISC-024 for either side; DISC-025, the server finishing its requests, when we are the client).
+            self._record("DISC-024")
+            if self.role is CLIENT:
+                self._record("DISC-025")
+        elif self._state is State.OPTIONS and not self._fixed_newstyle():
+            # Plain newstyle knows no option but NBD_OPT_EXPORT_NAME and no NBD_OPT_ABORT: a server ends
+            # the session on any other option, and a client that does not want to go on can only close
+            # (the rules of "Termination of the session during option haggling" are fixed newstyle's).
+            pass
         elif self.role is CLIENT and self._state is State.OPTIONS:
             # The server may close after an unsatisfiable NBD_OPT_EXPORT_NAME (OPT-001), NBD_OPT_ABORT
             # (OPT-014) or client flags it must refuse (HS-017); "No party may hard-disconnect during
@@ -457,12 +518,19 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             pending = self._pending.option if self._pending is not None else None
             if pending not in (Opt.EXPORT_NAME, Opt.ABORT) and not self._bad_client_flags():
                 self._check(False, "DISC-006", f"server closed during option haggling (pending {pending})")
+            else:
+                self._record("DISC-006")    # a close the listed circumstances allow
         elif self.role is SERVER and self._state is State.OPTIONS and self._pending is None:
             # proto.md allows a client's hard disconnect "following a failed TLS negotiation" (DISC-005):
             # after an error reply to STARTTLS, or ERR_TLS_REQD (TLS-031/036/040/041). Otherwise "it MUST
             # NOT use a hard disconnect" (DISC-007), whatever other option failed.
+            # DISC-006 ("no party may hard-disconnect during haggling ...") for the client is judged as
+            # its client-side form, DISC-007; either way this close was held to it.
+            self._record("DISC-006")
             if not self._last_reply_failed:
                 self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
+            else:
+                self._record("DISC-007")
         elif self.role is SERVER and self._state is State.TRANSMISSION:
             # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)
             self._check(False, "DISC-024", "client closed without NBD_CMD_DISC")

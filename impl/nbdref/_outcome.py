@@ -105,20 +105,31 @@ def judge(
     st: Negotiated,
     *,
     payload_ids: tuple[int, ...] | None = None,
+    considered: set[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """Rules the reply ``error`` breaks: ``[(req_id, why), ...]`` (arguments as for ``refusals``)."""
+    """Rules the reply ``error`` breaks: ``[(req_id, why), ...]`` (arguments as for ``refusals``).
+    ``considered``, when given, receives the ids of every rule the reply was judged by, held or not."""
     broken: list[tuple[str, str]] = []
     rules = refusals(cmd, flags, offset, length, st, payload_ids=payload_ids)
     cmd, flags, error = int(cmd), int(flags), int(error)
     if rules:
         wanted = {e for _, e in rules if e is not None}
+        # Rules that disagree on the value leave only "it must fail" to judge, when such a rule applies.
+        only_failure = len(wanted) > 1 and any(e is None for _, e in rules)
         for req_id, expected in rules:
-            if expected is None:
-                if error == 0:
-                    broken.append((req_id, f"success for a request that must fail ({cmd_name(cmd)})"))
-            elif len(wanted) == 1 and error != expected:
+            if error == 0:
+                if only_failure and expected is not None:
+                    continue
+                broken.append((req_id, f"success for a request that must fail ({cmd_name(cmd)})"))
+            elif expected is not None and len(wanted) == 1:
                 # Only judge the exact value when every applicable rule agrees on it.
-                broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected ({cmd_name(cmd)})"))
+                if error != expected:
+                    broken.append((req_id, f"error {_err(error)} where {_err(expected)} is expected "
+                                           f"({cmd_name(cmd)})"))
+            elif expected is not None:
+                continue        # the rules disagree on the value: this one was not judged
+            if considered is not None:
+                considered.add(req_id)
     if error == 0:
         return broken
     tx = st.transmission_flags
@@ -134,7 +145,13 @@ def judge(
         elif not wz:
             # "NBD_ENOTSUP should only be returned for WRITE_ZEROES with FAST_ZERO" (ERR-007)
             broken.append(("ERR-007", f"NBD_ENOTSUP for {cmd_name(cmd)}"))
+        if considered is not None:
+            # the one rule this reply was judged by
+            considered.add("WZ-025" if wz and not tx & _SEND_FAST_ZERO else "WZ-020" if wz and not flags & _FAST_ZERO
+                           else "ERR-007")
     if error == _EOVERFLOW:
+        if considered is not None:
+            considered.add("ERR-006")
         # "The server SHOULD NOT return NBD_EOVERFLOW except as documented in response to NBD_CMD_READ
         # when NBD_CMD_FLAG_DF is supported, or when a command without payload requests a length larger
         # than an advertised maximum payload length" (ERR-006).

@@ -35,6 +35,7 @@ _SINK_THRESHOLD = 64 * 1024  # WRITE payloads from this size on are received in 
 _PAYLOAD_FIRST = 256 * 1024  # first step of a payload buffer when get_buffer() has no size hint
 PAYLOAD_STEP = 1 << 20  # a growing payload buffer runs at most this far ahead of the bytes received
 _ZEROS = memoryview(bytes(PAYLOAD_STEP))  # bytes(n) is calloc'ed: untouched pages cost no memory
+_NOWHERE = memoryview(b"")  # the sink target of a discarded payload (never written)
 
 # Plain ints for the per-message path (an enum class attribute costs several times a global).
 _REQUEST_MAGIC, _EXTENDED_REQUEST_MAGIC = int(Magic.REQUEST), int(Magic.EXTENDED_REQUEST)
@@ -236,6 +237,9 @@ class Parsers(Checker):
         raw = self._buf.take(hdr.size + length)
         try:
             e = w.decode_option_reply(option, rtype, raw[hdr.size :])
+            self.checked.update(w.REPLY_DECODE_RULES.get(rtype, ()))
+            if isinstance(e, ev.RepInfo):
+                self.checked.update(w.INFO_DECODE_RULES.get(e.info_type, ()))
         except w.WireError as exc:
             if exc.req_id:
                 self._violation_now(exc.req_id, str(exc), raw, fatal=False)
@@ -301,6 +305,10 @@ class Parsers(Checker):
             raw = buf.take(w.SIMPLE_REPLY.size)
             e = ev.SimpleReply(cookie=cookie, error=0, data=None, in_place=True)
             return self._start_sink(reply.view[:length], e, w.SIMPLE_REPLY.size + length, raw)
+        if self.discard_payloads:
+            raw = buf.take(w.SIMPLE_REPLY.size)
+            e = ev.SimpleReply(cookie=cookie, error=0, data=None, in_place=True)
+            return self._start_discard(length, e, w.SIMPLE_REPLY.size + length, raw)
         if length > self.strictness.max_payload:
             # Not the server's fault: the client asked for more than it may buffer (Strictness.max_payload).
             raise self._fail(
@@ -329,6 +337,18 @@ class Parsers(Checker):
         self._sink_event = e
         return self._drain_sink()
 
+    def _start_discard(self, length: int, e: ev.Event, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
+        """Count a ``length``-byte payload past without storing it (``discard_payloads``: an observer)."""
+        self._discarding = True
+        return self._start_sink(_NOWHERE, e, nbytes, raw, total=length)
+
+    def _discard_room(self, hint: int) -> memoryview:
+        """Scratch memory for get_buffer while a payload is discarded (its bytes are not read again)."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(PAYLOAD_STEP))
+        n = min(self._sink_left, hint if hint > 0 else _PAYLOAD_FIRST, PAYLOAD_STEP)
+        return self._scratch[:n]
+
     def _start_payload(self, length: int, e: ev.Event, field: str, nbytes: int, raw: bytes) -> ev.Event | _NeedData:
         """Receive a ``length``-byte payload into a bytearray of its own that grows as the bytes arrive.
 
@@ -337,6 +357,8 @@ class Parsers(Checker):
         else with those bytes and one step; ``_grow_sink`` keeps it at most one step ahead of the data.
         Once complete it becomes the event's ``field``.
         """
+        if self.discard_payloads:
+            return self._start_discard(length, e, nbytes, raw)
         have = len(self._buf)
         payload = bytearray(min(length, have + _PAYLOAD_FIRST) if have else 0)
         self._sink_grow = payload
@@ -381,7 +403,11 @@ class Parsers(Checker):
         left = self._sink_left
         if left and len(self._buf):
             n = min(left, len(self._buf))
-            self._sink_left -= self._buf.copy_into(self._sink_room(n), n)
+            if self._discarding:
+                self._buf.skip(n)
+                self._sink_left -= n
+            else:
+                self._sink_left -= self._buf.copy_into(self._sink_room(n), n)
         if self._sink_left:
             self._want = 0
             return NEED_DATA
@@ -394,6 +420,7 @@ class Parsers(Checker):
             self._sink_grow = None
         self._sink = self._sink_event = None
         self._sink_handed = 0
+        self._discarding = False
         return self._receive(e, nbytes, raw)
 
     def _parse_chunk(
@@ -437,6 +464,7 @@ class Parsers(Checker):
         raw = head + payload[: _DATA_CAP - len(head)]
         try:
             e = w.decode_chunk(cookie, flags, rtype, payload)
+            self.checked.update(w.CHUNK_DECODE_RULES.get(rtype, ()))
         except w.WireError as exc:
             # Inconsistent chunk contents: "the client must hard-disconnect" (SR-053) unless the
             # check is off or its level is not fatal; then the chunk goes on as UnknownChunk.
@@ -467,18 +495,24 @@ class Parsers(Checker):
         n = length - 8
         raw = head + w.OFFSET.pack(offset)
         inside = req.offset <= offset and offset + n <= req.offset + req.length
+        self.checked.add("SR-032")
         if not inside:
             # Checked here, before any byte is delivered, so data never lands outside read_buffer.
             self._violation_now("SR-032", f"data {offset}+{n} outside request {req.offset}+{req.length}", raw)
         # "MUST NOT overlap with any earlier content or error chunk" (SR-033): also checked before any
         # byte is delivered, so the data does not overwrite what an earlier chunk put in read_buffer.
         overlap = inside and reply.overlaps(offset, offset + n)
+        if inside:
+            self.checked.add("SR-033")
         if overlap:
             self._violation_now("SR-033", f"{offset}+{n} overlaps an earlier chunk", raw)
         if reply.view is not None and inside and not overlap:
             e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=None, length=n, in_place=True)
             start = offset - req.offset
             return self._start_sink(reply.view[start : start + n], e, hsize + length, raw)
+        if self.discard_payloads:
+            e = ev.OffsetData(cookie=cookie, done=done, offset=offset, data=None, length=n, in_place=True)
+            return self._start_discard(n, e, hsize + length, raw)
         if n > self.strictness.max_payload:
             mx = self.block_size[2] if self.block_size else None
             raise self._refuse_length(
@@ -538,6 +572,7 @@ class Parsers(Checker):
         data = raw[hdr.size :]
         try:
             e = w.decode_option(option, data)
+            self.checked.update(w.OPTION_DECODE_RULES.get(option, ()))
         except w.WireError as exc:
             self._violation_now(exc.req_id or "BS-028", str(exc), raw, fatal=False)
             e = ev.OptUnknown(option=option, data=data, reason=str(exc))
@@ -554,6 +589,8 @@ class Parsers(Checker):
                 self._violation_now("EXT-037", "compact request after extended headers", buf.peek(28))
             layout = w.REQUEST
         elif magic == _EXTENDED_REQUEST_MAGIC:
+            if self.extended_headers:
+                self.checked.add("EXT-037")     # an extended header, as EXT-037 asks (only peer bytes parse here)
             if not self.extended_headers:
                 # The compact header is used "when extended transactions are not in use"; the draft has
                 # no MUST for the reverse, and the header length decides how to read on.

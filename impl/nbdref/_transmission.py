@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import _events as ev
 from . import _outcome
 from . import _wire as w
@@ -70,12 +72,29 @@ _RANGE_COMMANDS = frozenset(int(c) for c in RANGE_COMMANDS)
 _WRITE_COMMANDS = frozenset(int(c) for c in WRITE_COMMANDS)
 
 
+# What a chunk (instead of a simple reply) shows held, by (structured replies or extended headers
+# negotiated, extended headers negotiated): SR-004 (no chunks without structured replies) and EXT-005
+# (no simple reply with extended headers).
+_CHUNK_HELD: dict[bool, dict[bool, tuple[str, ...]]] = {
+    False: {False: (), True: ("EXT-005",)},
+    True: {False: ("SR-004",), True: ("SR-004", "EXT-005")},
+}
+
+
 class TransmissionRules(Checker):
     """Mixin: per-message checks and effects of requests and replies."""
 
     def _on_request(self, e: ev.Request) -> None:
         cmd, flags, tx = int(e.command), int(e.flags), self._tx
         inflight = self._inflight
+        # Rules that held go into ``checked`` only for the peer's requests (``_record``).
+        held = self._record
+        if self._sender is self.peer:
+            if self._after_peer_write:
+                # This header parsed where the WRITE before it said its data ends: that WRITE carried
+                # exactly its length (WR-002; a short or long payload shows as a broken next header).
+                held("WR-002")
+            self._after_peer_write = cmd == _WRITE
         if cmd == _DISC:
             # "NBD_CMD_DISC offset and length MUST be zero" (DISC-027)
             self._check(e.offset == 0 and e.length == 0, "DISC-027", "NBD_CMD_DISC with offset or length")
@@ -83,6 +102,8 @@ class TransmissionRules(Checker):
                 # "The client SHOULD wait until no requests are in flight before sending NBD_CMD_DISC"
                 # (DISC-023)
                 self._check(False, "DISC-023", f"NBD_CMD_DISC with {len(inflight)} requests in flight")
+            else:
+                held("DISC-023")
         elif self._shutdown_seen and self.role is CLIENT:
             # "A client that receives NBD_ESHUTDOWN MUST initiate a soft disconnect" (DISC-021). Only
             # the client knows when it received it: a server would flag requests pipelined before.
@@ -90,36 +111,64 @@ class TransmissionRules(Checker):
         if e.cookie in inflight:
             # "a client SHOULD give each request a cookie distinct from every request in flight" (CMD-001)
             self._check(False, "CMD-001", f"cookie {e.cookie} is already in flight")
+        else:
+            held("CMD-001")
         need = _COMMAND_NEEDS.get(cmd)
-        if need is not None and not tx & need[0]:
-            # "The client MUST NOT send NBD_CMD_FLUSH unless NBD_FLAG_SEND_FLUSH was set" etc. (CMD-008)
-            self._check(False, need[1], need[2])
+        if need is not None:
+            if not tx & need[0]:
+                # "The client MUST NOT send NBD_CMD_FLUSH unless NBD_FLAG_SEND_FLUSH was set" etc. (CMD-008)
+                self._check(False, need[1], need[2])
+            else:
+                held(need[1])
         if flags & _FLAG_NEEDS_MASK:
             for flag, txflag, req, message in _FLAG_NEEDS:
-                if flags & flag and not tx & txflag:
-                    self._check(False, req, message)
+                if flags & flag:
+                    if not tx & txflag:
+                        self._check(False, req, message)
+                    else:
+                        held(req)
         valid = _VALID_FLAGS.get(cmd)
-        if valid is not None and flags & ~valid:
-            # "Clients MUST NOT set a command flag ... not documented for that command" (CMD-014).
-            # Plain ints: ``~`` of an IntFlag would drop undefined bits such as 0x8000.
-            self._check(False, "CMD-014", f"flags {flags:#x} not valid for {Cmd(cmd).name}")
-        if cmd == _FLUSH and (e.offset or e.length):
-            self._check(False, "FLUSH-004", "NBD_CMD_FLUSH with offset or length")
-        if flags & _FUA and cmd not in _WRITE_COMMANDS:
-            self._check(False, "FUA-003", f"FUA on {_cmd(cmd)}")
+        if valid is not None:
+            if flags & ~valid:
+                # "Clients MUST NOT set a command flag ... not documented for that command" (CMD-014).
+                # Plain ints: ``~`` of an IntFlag would drop undefined bits such as 0x8000.
+                self._check(False, "CMD-014", f"flags {flags:#x} not valid for {Cmd(cmd).name}")
+            else:
+                held("CMD-014")
+        if cmd == _FLUSH:
+            if e.offset or e.length:
+                self._check(False, "FLUSH-004", "NBD_CMD_FLUSH with offset or length")
+            else:
+                held("FLUSH-004")
+        if flags & _FUA:
+            if cmd not in _WRITE_COMMANDS:
+                self._check(False, "FUA-003", f"FUA on {_cmd(cmd)}")
+            else:
+                held("FUA-003")
         payload = e.payload
         payload_len = w.nbytes(payload) if payload is not None else 0
         if self.extended_headers:
             # "NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN" (EXT-002)
-            if cmd == _WRITE and not flags & _PAYLOAD_LEN:
-                self._check(False, "EXT-002", "extended WRITE without PAYLOAD_LEN")
-            if cmd == _BLOCK_STATUS and flags & _PAYLOAD_LEN and not tx & _TX_BLOCK_STATUS_PAYLOAD:
-                self._check(False, "EXT-013", "BLOCK_STATUS payload not advertised")
-            if cmd == _READ and e.length >= 1 << 32:
-                self._check(False, "EXT-043", f"READ length {e.length} exceeds 32 bits")
+            if cmd == _WRITE:
+                if not flags & _PAYLOAD_LEN:
+                    self._check(False, "EXT-002", "extended WRITE without PAYLOAD_LEN")
+                else:
+                    held("EXT-002")
+            if cmd == _BLOCK_STATUS and flags & _PAYLOAD_LEN:
+                if not tx & _TX_BLOCK_STATUS_PAYLOAD:
+                    self._check(False, "EXT-013", "BLOCK_STATUS payload not advertised")
+                else:
+                    held("EXT-013")
+            if cmd == _READ:
+                if e.length >= 1 << 32:
+                    self._check(False, "EXT-043", f"READ length {e.length} exceeds 32 bits")
+                else:
+                    held("EXT-043")
         elif flags & _PAYLOAD_LEN:
             # "With compact requests the client MUST NOT use NBD_CMD_FLAG_PAYLOAD_LEN" (EXT-001)
             self._check(False, "EXT-001", "PAYLOAD_LEN in a compact request")
+        else:
+            held("EXT-001")
         if cmd == _WRITE and payload_len != e.length and self._sender is self.role:
             # "The client MUST follow a WRITE header with exactly length bytes of data" (WR-002)
             self._check(False, "WR-002", f"WRITE length {e.length} with {payload_len} bytes")
@@ -136,10 +185,13 @@ class TransmissionRules(Checker):
             well_formed = form is not None if payload is not None else n >= 8 and (n - 8) % 4 == 0
             self._check(well_formed, "EXT-056", f"BLOCK_STATUS payload of {n} bytes")
             length = form[0] if form is not None else None  # malformed: no effect length to judge by
-        if length == 0 and cmd in _ZERO_LENGTH_REQ and (form is not None or not has_payload):
-            self._check(False, _ZERO_LENGTH_REQ[cmd], f"zero-length {Cmd(cmd).name}")
+        if cmd in _ZERO_LENGTH_REQ and (form is not None or not has_payload):
+            if length == 0:
+                self._check(False, _ZERO_LENGTH_REQ[cmd], f"zero-length {Cmd(cmd).name}")
+            else:
+                held(_ZERO_LENGTH_REQ[cmd])
         if cmd in _RANGE_COMMANDS and length is not None:
-            self._range_checks(e.offset, length, cmd)
+            self._range_checks(e.offset, length, cmd, held)
         if cmd == _BLOCK_STATUS:
             # "The client MUST NOT send NBD_CMD_BLOCK_STATUS unless it selected at least one context"
             # (BS-003)
@@ -157,12 +209,16 @@ class TransmissionRules(Checker):
                 # particular chunk can be demanded then.
                 reply.wanted = form[1] if form is not None else ()
 
-    def _range_checks(self, offset: int, length: int, cmd: int) -> None:
+    def _range_checks(self, offset: int, length: int, cmd: int, held: Callable[[str], None]) -> None:
         """Rules on the range a request is about (``length``: the effect length)."""
-        if self.export_size is not None and offset + length > self.export_size:
-            # "The client MUST NOT send a request whose offset plus length exceeds the export size"
-            # (BSZ-033)
-            self._check(False, "BSZ-033", f"offset {offset} + length {length} beyond export size {self.export_size}")
+        if self.export_size is not None:
+            if offset + length > self.export_size:
+                # "The client MUST NOT send a request whose offset plus length exceeds the export size"
+                # (BSZ-033)
+                self._check(False, "BSZ-033",
+                            f"offset {offset} + length {length} beyond export size {self.export_size}")
+            else:
+                held("BSZ-033")
         if self.block_size is not None and self._block_size_requested:
             mn, _, mx = self.block_size
             if offset % mn or length % mn:
@@ -172,15 +228,24 @@ class TransmissionRules(Checker):
                     "BSZ-031",
                     f"offset {offset} / length {length} not multiples of minimum block size {mn}",
                 )
+            else:
+                held("BSZ-031")
             simple_read = cmd == _READ and not (self.structured_replies or self.extended_headers)
-            if (cmd == _WRITE or simple_read) and mx != MAX_PAYLOAD_UNLIMITED and length > mx:
-                # "A client MUST NOT request a WRITE, or a READ with simple replies, longer than the
-                # maximum payload size" (BSZ-025)
-                self._check(False, "BSZ-025", f"length {length} exceeds maximum payload {mx}")
+            if (cmd == _WRITE or simple_read) and mx != MAX_PAYLOAD_UNLIMITED:
+                if length > mx:
+                    # "A client MUST NOT request a WRITE, or a READ with simple replies, longer than
+                    # the maximum payload size" (BSZ-025)
+                    self._check(False, "BSZ-025", f"length {length} exceeds maximum payload {mx}")
+                else:
+                    held("BSZ-025")
 
     def _reply_for(self, cookie: int, chunk: bool = False) -> _Reply | None:
         reply = self._inflight.get(cookie)
         if reply is not None:
+            if self._sender is self.peer:
+                self.checked.add("CMD-003")
+                if chunk:
+                    self.checked.add("SR-011")
             return reply
         if chunk and cookie in self._completed:
             # "The chunk with NBD_REPLY_FLAG_DONE MUST be the last chunk sent for that cookie" (SR-011)
@@ -202,6 +267,9 @@ class TransmissionRules(Checker):
         if cmd == _READ and self.structured_replies:
             # "MUST NOT use a simple reply for NBD_CMD_READ (even for an early NBD_EINVAL)" (SR-006)
             self._check(False, "SR-006", "simple reply to NBD_CMD_READ with structured replies")
+        elif cmd == _READ and not self.extended_headers:
+            # Without structured replies "the server MUST use a simple reply" (SR-002): it did.
+            self._record("SR-002")
         if cmd == _BLOCK_STATUS and error == 0:
             self._check(False, "BS-005", "successful simple reply to NBD_CMD_BLOCK_STATUS")
         if self._sender is self.role:
@@ -255,6 +323,7 @@ class TransmissionRules(Checker):
         cookie = req.cookie
         del self._inflight[cookie]
         self._completed.append(cookie)
+        considered = self.checked if self._sender is self.peer else None
         for req_id, why in _outcome.judge(
             reply.command,
             reply.flags,
@@ -263,6 +332,7 @@ class TransmissionRules(Checker):
             reply.error,
             self._negotiated(),
             payload_ids=reply.wanted,
+            considered=considered,
         ):
             self._check(False, req_id, why)
         if self._sender is not self.role:  # ReplyComplete is for the side that receives replies
@@ -276,6 +346,15 @@ class TransmissionRules(Checker):
         reply = self._reply_for(e.cookie, chunk=True)
         if reply is None:
             return
+        if self._sender is self.peer:
+            # Answered in chunks: what a simple reply would have broken held (SR-004 counts only when
+            # structured replies were negotiated; EXT-005 when extended headers were).
+            held = _CHUNK_HELD[bool(self.structured_replies or self.extended_headers)][bool(self.extended_headers)]
+            self.checked.update(held)
+            if reply.command == _READ and (self.structured_replies or self.extended_headers):
+                self.checked.add("SR-006")      # extended headers imply structured replies
+            elif reply.command == _BLOCK_STATUS:
+                self.checked.add("BS-005")
         reply.chunks += 1
         kind = type(e)
         if kind is ev.OffsetData or kind is ev.OffsetHole:
@@ -336,10 +415,14 @@ class TransmissionRules(Checker):
             else:
                 # "length MUST be at least 9" i.e. at least one byte of data (SR-031)
                 self._check(False, "SR-031", "NBD_REPLY_TYPE_OFFSET_DATA with no data")
+        else:
+            self._record("SR-039" if hole else "SR-031")
         # "The data MUST lie within the bounds of the requested range" (SR-032 / SR-036)
         if (hole or self._sender is self.role) and not (req.offset <= start and end <= req.offset + req.length):
             # (received OFFSET_DATA was checked before its data arrived)
             self._check(False, "SR-036" if hole else "SR-032", f"{start}+{n} outside request {req.offset}+{req.length}")
+        elif hole:
+            self._record("SR-036")
         if reply.error_offsets and n > 0:
             # "If a content chunk and an error chunk cover the same offset, the content chunk MUST be
             # sent first" (RD-040)
@@ -351,11 +434,16 @@ class TransmissionRules(Checker):
                 if hole or self._sender is self.role:  # (received OFFSET_DATA: checked before its data)
                     self._check(False, "SR-037" if hole else "SR-033", f"{start}+{n} overlaps an earlier chunk")
             else:
+                if hole:
+                    self._record("SR-037")
                 reply.cover(start, end)
         reply.content_chunks += 1
-        if reply.flags & _DF and reply.content_chunks > 1:
-            # "With DF the server MUST send at most one content chunk" (RD-045)
-            self._check(False, "RD-045", "more than one content chunk with DF")
+        if reply.flags & _DF:
+            if reply.content_chunks > 1:
+                # "With DF the server MUST send at most one content chunk" (RD-045)
+                self._check(False, "RD-045", "more than one content chunk with DF")
+            else:
+                self._record("RD-045")
 
     def _status_chunk(self, e: ev.BlockStatus, reply: _Reply) -> None:
         if reply.command != _BLOCK_STATUS:
@@ -384,6 +472,8 @@ class TransmissionRules(Checker):
         if any(n == 0 for n, _ in ext):
             # "Each extent length MUST be nonzero" (BS-057 / EXT-048)
             self._check(False, "EXT-048" if extended else "BS-057", "extent of length 0")
+        else:
+            self._record("EXT-048" if extended else "BS-057")
         length = reply.effect  # the payload form's effect length, not the header's payload length
         if length is None:  # malformed payload form (EXT-056): no length to measure the extents by
             pass
@@ -428,9 +518,12 @@ class TransmissionRules(Checker):
 
     def _on_done(self, reply: _Reply) -> None:
         req = reply.request
-        if reply.error == 0 and reply.command == _READ and reply.covered_bytes != req.length:
-            # "Absent errors, the content chunks MUST cover the whole requested range" (RD-027)
-            self._check(False, "RD-027", f"reply covers {reply.covered_bytes} of {req.length} bytes")
+        if reply.error == 0 and reply.command == _READ:
+            if reply.covered_bytes != req.length:
+                # "Absent errors, the content chunks MUST cover the whole requested range" (RD-027)
+                self._check(False, "RD-027", f"reply covers {reply.covered_bytes} of {req.length} bytes")
+            else:
+                self._record("RD-027")
         if reply.flags & _DF and reply.error == _EOVERFLOW:
             # "in which case it MUST NOT send any content chunk" (RD-049)
             self._check(reply.content_chunks == 0, "RD-049", "content chunk in a DF reply failed with EOVERFLOW")

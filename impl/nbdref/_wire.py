@@ -11,7 +11,7 @@ from __future__ import annotations
 from struct import Struct, unpack_from
 
 from . import _events as ev
-from ._constants import REP_FLAG_ERROR, REPLY_TYPE_ERROR_BIT, Info, Magic, Rep, ReplyType
+from ._constants import REP_FLAG_ERROR, REPLY_TYPE_ERROR_BIT, Info, Magic, Opt, Rep, ReplyType
 
 # --------------------------------------------------------------------------- layouts
 U16 = Struct(">H")
@@ -61,6 +61,23 @@ class WireError(ValueError):
     def __init__(self, message: str, req_id: str | None = None) -> None:
         super().__init__(message)
         self.req_id = req_id
+
+
+# The rules a decoder below holds a message to, by its wire code: a successful decode observed them
+# (a failed one raises WireError naming the broken one).  The parser adds them to ``checked``.
+# (Only rules that bind the sender: BS-028 names the server's duty to refuse a malformed meta-context
+# request, so a well-formed one shows nothing about the client; BS-040 is checked on LIST/SET replies in
+# _negotiation.py, not by the decoder.)
+OPTION_DECODE_RULES: dict[int, tuple[str, ...]] = {Opt.INFO: ("GO-002",), Opt.GO: ("GO-002",)}
+REPLY_DECODE_RULES: dict[int, tuple[str, ...]] = {Rep.SERVER: ("OPT-019",)}
+INFO_DECODE_RULES: dict[int, tuple[str, ...]] = {
+    Info.EXPORT: ("GO-031",), Info.NAME: ("GO-034",), Info.DESCRIPTION: ("GO-035",), Info.BLOCK_SIZE: ("GO-037",),
+}
+CHUNK_DECODE_RULES: dict[int, tuple[str, ...]] = {
+    ReplyType.NONE: ("SR-029",), ReplyType.OFFSET_HOLE: ("SR-035",), ReplyType.BLOCK_STATUS: ("BS-055",),
+    ReplyType.BLOCK_STATUS_EXT: ("EXT-044", "EXT-046"),
+    ReplyType.ERROR: ("SR-040", "SR-043"), ReplyType.ERROR_OFFSET: ("SR-045", "SR-043"),
+}
 
 
 # --------------------------------------------------------------------------- strings

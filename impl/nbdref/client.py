@@ -39,6 +39,7 @@ from ._constants import (
     ClientFlag,
     Cmd,
     CmdFlag,
+    Err,
     HandshakeFlag,
     Info,
     Rep,
@@ -178,6 +179,11 @@ class ClientError(Exception):
         super().__init__(message)
         self.errno = errno
         self.reply = reply
+
+
+class UsageError(ClientError):
+    """The caller used the client wrongly (a setting after connect, an unknown cookie): a fault of the
+    code driving the client, never of the server.  The suites report it as a harness error."""
 
 
 # connect() errors of a listener that is only busy.  A Unix listener whose backlog is full answers a
@@ -463,7 +469,7 @@ class Client:
 
     def _before_connect(self, what: str) -> None:
         if self._conn is not None:
-            raise ClientError(f"{what}: already connected")
+            raise UsageError(f"{what}: already connected")
 
     def _handshake(self) -> None:
         greeting = self._next()
@@ -516,6 +522,13 @@ class Client:
             if not isinstance(event, ev.OptionReply):
                 raise ClientError(f"unexpected {event!r} in reply to {type(option).__name__}")
             replies.append(event)
+            if isinstance(event, ev.RepError) and event.reply_type == Rep.ERR_SHUTDOWN:
+                # "On receiving NBD_REP_ERR_SHUTDOWN the client MUST initiate a soft disconnect"
+                # (NBD_OPT_ABORT, DISC-014): whatever the option was, the session ends here.
+                with contextlib.suppress(ProtocolError, OSError, ClientError):
+                    self.opt_abort()
+                self._abandon()
+                raise self._refused(type(option).__name__, event)
             if isinstance(event, ev.RepAck | ev.RepError):
                 return replies
 
@@ -807,6 +820,11 @@ class Client:
         return list(self._conn.violations) if self._conn is not None else []
 
     @property
+    def checked(self) -> set[str]:
+        """Ids of the rules the core checked on what the server sent (held or broken)."""
+        return set(self._conn.checked) if self._conn is not None else set()
+
+    @property
     def transcript(self) -> Any:
         return self._conn.transcript if self._conn is not None else None
 
@@ -895,14 +913,20 @@ class Client:
         """True once the reply of `cookie` is complete (then forgotten); raises its error, if any."""
         command = self._commands.get(cookie)
         if command is None:
-            raise ClientError(f"unknown cookie {cookie}")
+            raise UsageError(f"unknown cookie {cookie}")
         if not command.done:
             return False
         del self._commands[cookie]
         if command.error:
-            name = _errno.errorcode.get(command.error, str(command.error))
             what = cmd_name(command.request.command)
-            raise ClientError(f"{what} failed: {name} ({os.strerror(command.error)})", errno=command.error)
+            try:
+                err = Err(command.error)
+                extra = ""
+            except ValueError:
+                # "a client SHOULD treat an unexpected value as if it were NBD_EINVAL" (ERR-012)
+                err, extra = Err.EINVAL, f"; the server sent undefined error value {command.error}"
+            name = _errno.errorcode.get(err.errno, err.name)
+            raise ClientError(f"{what} failed: {name} ({os.strerror(err.errno)}){extra}", errno=err.errno)
         return True
 
     def poll(self) -> int:

@@ -21,6 +21,10 @@ the TLS layer, then call ``tls_established()``. Peer rule breaches land in ``con
 fatal ones raise RemoteProtocolError. Our own illegal sends raise LocalProtocolError (a breach at a
 fatal level, or of an id in ``Strictness(refuse=...)``) unless the requirement id is in
 ``Strictness(disabled=...)`` or ``check_local=False``; other breaches are sent and noted.
+
+An observer (``nbdref.proxy``) runs one connection per direction: ``discard_payloads=True`` counts
+READ / large WRITE data past instead of storing it, and ``observe(event)`` applies a message of our
+own role that the other connection decoded (see ``Connection.observe``).
 """
 
 from __future__ import annotations
@@ -44,12 +48,24 @@ __all__ = [
 class ClientConnection(Connection):
     """The client role: sends ClientFlags, options and requests; receives the server's messages."""
 
-    def __init__(self, strictness: Strictness | None = None, transcript: Transcript | None = None) -> None:
-        super().__init__(Role.CLIENT, strictness, transcript)
+    def __init__(
+        self,
+        strictness: Strictness | None = None,
+        transcript: Transcript | None = None,
+        *,
+        discard_payloads: bool = False,
+    ) -> None:
+        super().__init__(Role.CLIENT, strictness, transcript, discard_payloads=discard_payloads)
 
 
 class ServerConnection(Connection):
     """The server role: sends the greeting, option replies and replies; receives the client's."""
 
-    def __init__(self, strictness: Strictness | None = None, transcript: Transcript | None = None) -> None:
-        super().__init__(Role.SERVER, strictness, transcript)
+    def __init__(
+        self,
+        strictness: Strictness | None = None,
+        transcript: Transcript | None = None,
+        *,
+        discard_payloads: bool = False,
+    ) -> None:
+        super().__init__(Role.SERVER, strictness, transcript, discard_payloads=discard_payloads)

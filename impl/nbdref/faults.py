@@ -8,7 +8,15 @@ plain data (``Fault``); the server driver asks it at three points:
 * ``stall_handshake`` / ``stall_reply``: stop answering (the client must time out); the stall ends after
   PARAM seconds, when the server stops, or when the client hangs up;
 * ``reply_bytes(ctx)``: the raw bytes to send *instead of* the normal reply to the first request the fault
-  applies to (sent with the core's ``send_raw``, so the state machine is not fooled).
+  applies to (sent with the core's ``send_raw``, so the state machine is not fooled);
+* ``greeting_flags`` / ``transmission_flags``: undefined bits OR-ed into the greeting / the export's
+  transmission flags (a client must ignore them: HS-005, CMD-013); ``option_error``: the first option's
+  reply is this error (NBD_REP_ERR_SHUTDOWN: the client must send NBD_OPT_ABORT, DISC-014);
+  ``reply_error``: the first READ gets an error reply with this value (an ordinary reply, through the core);
+  ``unknown_info`` / ``reverse_info``: INFO/GO information replies with an undefined type first, or in
+  reverse order (legal for a server; the client must cope: GO-011, GO-029);
+* ``status_bits`` / ``split_extents`` reshape BLOCK_STATUS replies (BS-024, BS-076); ``context_ids``
+  renumbers metadata context IDs (BS-042, BS-052).
 
 Whenever a fault is applied the session marks the core's ``local_breach``: a correct client that hangs
 up on the broken server is not charged with DISC-006/007/024.
@@ -22,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import _wire as w
-from ._constants import Cmd, Err, Magic, ReplyFlag, ReplyType
+from ._constants import Cmd, Err, Magic, Rep, ReplyFlag, ReplyType
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +118,35 @@ def _error_chunk_zero_error(ctx: ReplyContext) -> bytes:
     return _chunk(ctx, ReplyType.ERROR, w.ERROR_HEADER.pack(0, 0))
 
 
+def _unknown_chunk_type(ctx: ReplyContext) -> bytes:
+    # A non-error chunk type no version defines (99): "the client MUST initiate a hard disconnect".
+    return _chunk(ctx, 99, b"\0" * 8)
+
+
+def _unknown_error_chunk(ctx: ReplyContext) -> bytes:
+    # An undefined type with bit 15 set (0x8099) carrying an error header: the reply failed.
+    return _chunk(ctx, 0x8099, w.ERROR_HEADER.pack(Err.EIO, 0))
+
+
+def _unknown_reply_flag(ctx: ReplyContext) -> bytes:
+    # The correct data chunk with an undefined reply flag (bit 7) beside DONE: "MUST ignore".
+    return _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data, flags=ReplyFlag.DONE | 0x80)
+
+
+def _chunks_out_of_order(ctx: ReplyContext) -> bytes:
+    # The second half of the data first, then the first half (with DONE): the client must reassemble.
+    half = len(ctx.data) // 2
+    second = _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset + half) + ctx.data[half:], flags=0)
+    return second + _chunk(ctx, ReplyType.OFFSET_DATA, w.OFFSET.pack(ctx.offset) + ctx.data[:half])
+
+
+def _unknown_error_value(ctx: ReplyContext) -> bytes:
+    # An error value proto.md does not define (99): "treat ... as if it were NBD_EINVAL".
+    if ctx.structured or ctx.extended:
+        return _chunk(ctx, ReplyType.ERROR, w.ERROR_HEADER.pack(99, 0))
+    return _simple(ctx, error=99)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fault:
     """One scenario.  ``param`` is the number after the colon (bytes for disconnects, seconds for stalls)."""
@@ -126,6 +163,15 @@ class Fault:
     greeting_magic: int | None = None    # replace NBDMAGIC in the greeting
     option_reply_magic: int | None = None  # replace the option reply magic
     builder: Callable[[ReplyContext], bytes] | None = None
+    greeting_flags: int = 0              # OR-ed into the newstyle greeting's handshake flags
+    transmission_flags: int = 0          # OR-ed into the flags of NBD_INFO_EXPORT / EXPORT_NAME replies
+    option_error: int | None = None      # the first option (not STARTTLS/ABORT) gets this error reply
+    reply_error: int | None = None       # the first READ fails with this error (sent through the core)
+    unknown_info: int | None = None      # INFO/GO replies start with an NBD_REP_INFO of this undefined type
+    reverse_info: bool = False           # INFO/GO information replies in reverse order (EXPORT last)
+    status_bits: int = 0                 # OR-ed into every base:allocation status (undefined bits)
+    split_extents: bool = False          # each block-status extent sent as two equal-status descriptors
+    context_ids: bool = False            # nonzero IDs in LIST_META_CONTEXT, SET IDs differing per connection
     param: int | None = None
     default_param: int | None = None
 
@@ -183,6 +229,40 @@ FAULTS: dict[str, Fault] = {
               needs_structured=True, builder=_error_chunk_bad_message_length),
         Fault(name="error-chunk-zero-error", description="NBD_REPLY_TYPE_ERROR with error 0",
               needs_structured=True, builder=_error_chunk_zero_error),
+        # "the client MUST initiate a soft disconnect" on NBD_ESHUTDOWN (DISC-021).  A well-formed reply sent
+        # through the core, so the core knows the request was answered (no false "still in flight").
+        Fault(name="eshutdown", description="first READ fails with NBD_ESHUTDOWN", reply_error=Err.ESHUTDOWN),
+        # "The client MUST ignore information replies it does not understand" (GO-011/GO-030) and "MUST NOT
+        # rely on any ordering of NBD_REP_INFO replies" (GO-029): neither is a server breach.
+        Fault(name="unknown-info-reply", description="INFO/GO replies start with NBD_REP_INFO type 0x1234",
+              unknown_info=0x1234),
+        Fault(name="reversed-info-replies", description="INFO/GO information replies in reverse order",
+              reverse_info=True),
+        # base:allocation "clients MUST ignore unknown flags" (BS-024); "Clients SHOULD cope with consecutive
+        # descriptors that have the same status" (BS-076); context IDs in LIST replies are to be disregarded
+        # (BS-042) and are "transient" per connection (BS-052).
+        Fault(name="unknown-status-bits", description="base:allocation statuses carry undefined bit 5",
+              status_bits=0x20),
+        Fault(name="split-extents", description="every extent sent as two descriptors of the same status",
+              split_extents=True),
+        Fault(name="shifted-context-ids", description="nonzero LIST_META_CONTEXT ids; SET ids differ per "
+              "connection", context_ids=True),
+        Fault(name="unknown-handshake-flag", description="greeting sets handshake flag bit 15 (undefined)",
+              greeting_flags=1 << 15),
+        Fault(name="unknown-transmission-flag", description="transmission flags set bit 15 (undefined)",
+              transmission_flags=1 << 15),
+        Fault(name="option-err-shutdown", description="first option answered NBD_REP_ERR_SHUTDOWN",
+              option_error=Rep.ERR_SHUTDOWN),
+        Fault(name="unknown-chunk-type", description="READ answered with chunk type 99 (not an error type)",
+              needs_structured=True, builder=_unknown_chunk_type),
+        Fault(name="unknown-error-chunk", description="READ answered with unknown error chunk type 0x8099",
+              needs_structured=True, builder=_unknown_error_chunk),
+        Fault(name="unknown-reply-flag", description="correct READ chunk with undefined reply flag bit 7 set",
+              needs_structured=True, builder=_unknown_reply_flag),
+        Fault(name="chunks-out-of-order", description="READ data in two chunks, the second half first",
+              needs_structured=True, builder=_chunks_out_of_order),
+        Fault(name="unknown-error-value", description="first READ fails with error value 99 (undefined)",
+              builder=_unknown_error_value),
         Fault(name="stall-handshake", description="greeting, then silence for PARAM s (default: 3600)",
               stall_handshake=True),
         Fault(name="stall-reply", description="no reply to the first READ for PARAM s (default: 3600)",

@@ -91,9 +91,58 @@ class Persona:
             return name in self.meta_contexts
         return name.startswith(DIRTY_BITMAP) and DIRTY_BITMAP in self.meta_contexts
 
+    def offers(self, feature: str) -> bool | None:
+        """Does this persona offer a timeline feature (fixtures/data/timeline.yaml's keys), in its
+        default newstyle handshake?  None for a key this table has no field for.  The reference persona
+        is judged by this (it emulates no release, so the timeline cannot judge it)."""
+        rule = _FEATURE_FIELDS.get(feature)
+        if rule is None:
+            return None
+        return bool(rule(self))
+
     def as_row(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+# Timeline feature -> what in a persona offers it (the handshake style is the server's option, not the
+# persona's: by default every persona runs newstyle, never oldstyle).
+_FEATURE_FIELDS: dict[str, object] = {
+    "oldstyle": lambda p: False,
+    "newstyle": lambda p: True,
+    "fixed-newstyle": lambda p: p.fixed_newstyle,
+    "NBD_FLAG_NO_ZEROES": lambda p: p.no_zeroes,
+    "NBD_OPT_EXPORT_NAME": lambda p: True,
+    "NBD_OPT_ABORT": lambda p: p.fixed_newstyle,
+    "NBD_OPT_LIST": lambda p: p.fixed_newstyle,
+    "NBD_OPT_STARTTLS": lambda p: p.tls_x509 or p.tls_psk,
+    "TLS-PSK": lambda p: p.tls_psk,
+    "NBD_OPT_INFO": lambda p: p.opt_go,
+    "NBD_OPT_GO": lambda p: p.opt_go,
+    "NBD_INFO_EXPORT": lambda p: p.opt_go,
+    "NBD_INFO_NAME": lambda p: p.opt_go and p.info_name,
+    "NBD_INFO_DESCRIPTION": lambda p: p.opt_go and p.info_description,
+    "NBD_INFO_BLOCK_SIZE": lambda p: p.opt_go and p.info_block_size is not None,
+    "NBD_OPT_STRUCTURED_REPLY": lambda p: p.structured_replies,
+    "NBD_OPT_LIST_META_CONTEXT": lambda p: bool(p.meta_contexts),
+    "NBD_OPT_SET_META_CONTEXT": lambda p: bool(p.meta_contexts),
+    "NBD_CMD_BLOCK_STATUS": lambda p: BASE_ALLOCATION in p.meta_contexts,
+    "NBD_CMD_FLAG_REQ_ONE": lambda p: BASE_ALLOCATION in p.meta_contexts,
+    # the timeline names these two features after their contexts
+    DIRTY_BITMAP.rstrip(":"): lambda p: DIRTY_BITMAP in p.meta_contexts,
+    ALLOCATION_DEPTH: lambda p: ALLOCATION_DEPTH in p.meta_contexts,
+    "NBD_CMD_WRITE_ZEROES": lambda p: p.write_zeroes,
+    "NBD_CMD_FLAG_NO_HOLE": lambda p: p.write_zeroes,
+    "NBD_CMD_TRIM": lambda p: p.trim,
+    "NBD_CMD_FLUSH": lambda p: p.flush,
+    "NBD_CMD_FLAG_FUA": lambda p: p.fua,
+    "NBD_CMD_CACHE": lambda p: p.cache,
+    "NBD_CMD_FLAG_FAST_ZERO": lambda p: p.fast_zero,
+    "NBD_FLAG_CAN_MULTI_CONN-readonly": lambda p: p.multi_conn_ro,
+    "NBD_FLAG_CAN_MULTI_CONN-writable": lambda p: p.multi_conn_rw,
+    "NBD_CMD_FLAG_DF": lambda p: p.df,
+    "NBD_OPT_EXTENDED_HEADERS": lambda p: p.extended_headers,
+    "NBD_FLAG_BLOCK_STATUS_PAYLOAD": lambda p: p.extended_headers and p.block_status_payload,
+}
 
 _NBDREF = Persona(
     name=DEFAULT,

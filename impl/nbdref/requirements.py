@@ -31,6 +31,7 @@ class Requirement:
     section: str = ""
     feature: str = ""
     source: str = "proto"
+    testable: str = ""      # "black-box: how a peer observes it" or "no: why not"
 
 
 @cache
@@ -51,6 +52,7 @@ def catalogue() -> dict[str, Requirement]:
             section=r.get("section", ""),
             feature=r.get("feature", ""),
             source=r.get("source", "proto"),
+            testable=r.get("testable", ""),
         )
     return out
 

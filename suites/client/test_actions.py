@@ -23,11 +23,12 @@ def driver(request, client_peer, peer_workdir, verdict):
     return driver_for(client_peer, runner, peer_workdir)
 
 
-def _do(driver, verdict, action, server, *args):
-    why = driver.can(action)
+def _do(driver, verdict, action, server, *args, ids=()):
+    why = driver.can(action, server)
     if why:
         verdict.not_applicable(why)
     out = driver.do(action, server, *args)
+    verdict.expect(out.ok, *ids, expected=f"the client's {action} succeeds", observed=out.why())
     assert out.ok, f"{action} failed: {out.why()}"
     return out.value
 
@@ -38,7 +39,9 @@ def _do(driver, verdict, action, server, *args):
 @pytest.mark.feature("newstyle")
 def test_size(client_peer, reference_server, reference_export, reference_session, driver, verdict):
     """The client reports the export's size."""
-    assert _do(driver, verdict, "size", reference_server) == reference_export.size
+    size = _do(driver, verdict, "size", reference_server, ids=("INTEROP-002",))
+    verdict.expect(size == reference_export.size, "INTEROP-002", expected=f"size {reference_export.size}",
+                   observed=f"size {size}")
 
 
 @pytest.mark.req("INTEROP-002", "RD-008")
@@ -46,8 +49,9 @@ def test_size(client_peer, reference_server, reference_export, reference_session
 def test_read(client_peer, reference_server, reference_export, reference_session, driver, verdict):
     """The client reads the export's bytes at an unaligned offset."""
     offset = 8192 + 512
-    got = _do(driver, verdict, "read", reference_server, offset, READ_LENGTH)
-    assert got == expected_bytes(reference_export, offset, READ_LENGTH), "read returned other bytes"
+    got = _do(driver, verdict, "read", reference_server, offset, READ_LENGTH, ids=("INTEROP-002",))
+    verdict.expect(got == expected_bytes(reference_export, offset, READ_LENGTH), "INTEROP-002",
+                   expected=f"the export's {READ_LENGTH} bytes at {offset}", observed="other bytes")
 
 
 # "The client MUST NOT send a request with a length ... beyond the end of the export" and the framing
@@ -59,9 +63,11 @@ def test_write(client_peer, reference_server, reference_session, reference_regio
     from suites.client._common import server_bytes
     offset = reference_region(64 * 1024)
     data = bytes([0x5A]) * 4096
-    _do(driver, verdict, "write", reference_server, offset, data)
-    assert server_bytes(reference_server, offset, len(data), reference_session) == data, \
-        "the server does not hold what the client wrote"
+    _do(driver, verdict, "write", reference_server, offset, data, ids=("WR-002",))
+    held = server_bytes(reference_server, offset, len(data), reference_session)
+    # the WRITE and the requests after it parsed, and the disk holds exactly the data: the framing held
+    verdict.expect(held == data, "WR-002", expected="the server holds what the client wrote",
+                   observed=f"{held[:8].hex()}... instead of {data[:8].hex()}...")
 
 
 # NBD_OPT_LIST: the client sends it without data (OPT-017 binds the server's framing; the server's core
@@ -70,8 +76,9 @@ def test_write(client_peer, reference_server, reference_session, reference_regio
 @pytest.mark.feature("NBD_OPT_LIST")
 def test_list(client_peer, reference_server, reference_export, reference_session, driver, verdict):
     """The client lists the exports and finds the reference server's."""
-    names = _do(driver, verdict, "list", reference_server)
-    assert reference_export.name in names, f"listed {names}"
+    names = _do(driver, verdict, "list", reference_server, ids=("INTEROP-008",))
+    verdict.expect(reference_export.name in names, "INTEROP-008", expected=f"the list names {reference_export.name!r}",
+                   observed=f"listed {names}")
 
 
 # "A client MUST NOT send NBD_CMD_BLOCK_STATUS unless it selected a context" (BS-003): the server

@@ -4,19 +4,22 @@ The export is a qcow2 image with nothing allocated (content "zero") and one pers
 served with qemu-nbd ``-A -B b0`` (qemu-storage-daemon: ``allocation-depth=on,bitmaps.0=b0``).  A
 region starts unallocated (base:allocation hole+zero, depth 0, bitmap clean); after we write it, it
 must read back as data, local depth 1 and - the bitmap being enabled - dirty.  So the contexts are not
-only negotiated but report what happened.  Other servers are not-applicable: the contexts live in
-qemu's namespace and need a qcow2 image with a persistent bitmap.
+only negotiated but report what happened.  The reference server's personas (which emulate qemu's
+contexts from the version that had them) serve the same from memory.  Other servers are not-applicable:
+the contexts live in qemu's namespace and need a qcow2 image with a persistent bitmap.
 """
 
 from __future__ import annotations
 
 import pytest
-from nbdref._constants import Cmd, TxFlag
+from nbdref import events as ev
+from nbdref._constants import Cmd, CmdFlag, Rep, TxFlag
 from nbdref._strict import Strictness
 from nbdref._wire import encode_block_status_payload
 from nbdref.client import Client, ClientError
 
 from fixtures.exports import ExportRequest
+from suites.server._common import option_replies, reference_style, rep_name
 
 SECTION = "Metadata querying: the qemu namespace"
 MiB = 1 << 20
@@ -32,11 +35,22 @@ QEMU_IMPLS = ("qemu-nbd", "qemu-storage-daemon")
 
 @pytest.fixture
 def qemu_server(request, server_peer, verdict):
+    """The qcow2 export on qemu's servers; on the in-process reference server (whose personas emulate
+    qemu's contexts) a memory export of the same size with the bitmap b0, a fresh one per test: the
+    launcher serves raw files only, and the reference server keeps bitmaps in memory anyway."""
+    if server_peer.launcher == "in-process" and server_peer.implementation == "nbdref":
+        from nbdref.server import Export, Server
+        srv = Server([Export.memory(EXPORT.name, EXPORT.size, bitmaps=EXPORT.dirty_bitmaps)],
+                     persona=server_peer.persona, host="127.0.0.1", port=0, **reference_style(server_peer))
+        srv.start()
+        yield srv
+        srv.stop(timeout=5)
+        return
     if server_peer.implementation not in QEMU_IMPLS:
         verdict.not_applicable(f"{server_peer.implementation}: qemu's contexts need a qcow2 export with a "
                                "persistent bitmap, served by qemu-nbd or qemu-storage-daemon")
     from fixtures.plugin import shared_peer_server
-    return shared_peer_server(request, server_peer, EXPORT, "qcow2-contexts")
+    yield shared_peer_server(request, server_peer, EXPORT, "qcow2-contexts")
 
 
 @pytest.fixture
@@ -71,8 +85,16 @@ def test_contexts_negotiated(server_peer, connected, verdict):
     selected = set(c.get_meta_contexts().values())
     verdict.timeline("qemu:allocation-depth", DEPTH in selected, export=EXPORT)
     verdict.timeline("qemu:dirty-bitmap", BITMAP in selected, export=EXPORT)
+    if not selected:                    # no metadata contexts at all: the timelines said it
+        return
     assert BASE in selected
-    assert set(status_at(c, 0)) == selected
+    verdict.expect(all(n.partition(":")[0] in ("base", "qemu") for n in selected), "BS-009",
+                   expected="base: and qemu: contexts", observed=str(sorted(selected)))
+    seen = status_at(c, 0)
+    assert set(seen) == selected
+    # "All information a context provides must be representable in the 32-bit status flags" (BS-011)
+    verdict.expect(all(0 <= f <= 0xFFFFFFFF for _, f in seen.values()), "BS-011", expected="32-bit status values",
+                   observed=str(seen))
 
 
 # The contexts describe the image: an untouched cluster of an empty qcow2 is a hole reading as zeroes,
@@ -151,3 +173,87 @@ def test_filtered_block_status_is_complete(server_peer, connected, verdict):
         return
     seen = filtered_status(c, DEPTH, 7 * REGION)
     assert set(seen) == {DEPTH}
+
+
+def option_client(qemu_server, ref_client) -> Client:
+    """Stopped in the option phase with structured replies (and extended headers where offered)."""
+    return ref_client(qemu_server, opt_mode=True)
+
+
+def meta(c: Client, setting: bool, queries: list[str]) -> tuple[list[str], object]:
+    cls = ev.OptSetMetaContext if setting else ev.OptListMetaContext
+    replies = option_replies(c, cls(name=c.get_export_name(), queries=tuple(queries)))
+    return [r.name for r in replies if isinstance(r, ev.RepMetaContext)], replies[-1]
+
+
+# qemu's nbd.rst: "For NBD_OPT_LIST_META_CONTEXT the following queries are supported in addition to the
+# specific "qemu:allocation-depth" and "qemu:dirty-bitmap:<dirty-bitmap-export-name>": "qemu:" - returns
+# list of all available metadata contexts in the namespace; "qemu:dirty-bitmap:" - returns list of all
+# available dirty-bitmap metadata contexts."  With queries the server "MUST return the selectable contexts
+# matching at least one query" (BS-036), names in the registered qemu namespace (BS-007, BS-009).  For
+# SET, an empty leaf "SHOULD NOT select any contexts" (BS-012) - neither "qemu:" nor
+# "qemu:dirty-bitmap:" - and unknown qemu leaves select nothing either (a single ACK, BS-031; "MAY" fail
+# with NBD_REP_ERR_INVALID, BS-029, accepted).
+@pytest.mark.req("BS-007", "BS-009", "BS-012", "BS-031", "BS-036", "BS-040", "BS-041", "BS-047")
+@pytest.mark.feature("qemu:dirty-bitmap")
+def test_qemu_namespace_queries(server_peer, qemu_server, ref_client, verdict):
+    """LIST 'qemu:' and 'qemu:dirty-bitmap:' list qemu's contexts; SET with them selects nothing."""
+    c = option_client(qemu_server, ref_client)
+    everything: list[str] = []
+    if c.get_structured_replies_negotiated():
+        everything, _ = meta(c, False, [])
+    verdict.info(f"LIST with zero queries: {everything}")
+    verdict.timeline("qemu:allocation-depth", DEPTH in everything, export=EXPORT)
+    verdict.timeline("qemu:dirty-bitmap", BITMAP in everything, export=EXPORT)
+    if not {DEPTH, BITMAP} & set(everything):
+        return
+    for name in everything:
+        namespace, colon, _leaf = name.partition(":")
+        verdict.expect(bool(colon) and namespace in ("base", "qemu"), "BS-007", "BS-009",
+                       expected="base: or qemu: names", observed=repr(name))
+    for query, wanted in (("qemu:", {n for n in (DEPTH, BITMAP) if n in everything}),
+                          ("qemu:dirty-bitmap:", {BITMAP} & set(everything))):
+        names, final = meta(c, False, [query])
+        verdict.expect(isinstance(final, ev.RepAck) and set(names) == wanted, "BS-036",
+                       expected=f"LIST {query!r} lists {sorted(wanted)}", observed=f"{names} then {rep_name(final)}")
+    for query in ("qemu:", "qemu:dirty-bitmap:"):
+        names, final = meta(c, True, [query])
+        verdict.expect(isinstance(final, ev.RepAck) and not names, "BS-012", "BS-047",
+                       expected=f"SET {query!r} selects nothing", observed=f"{names} then {rep_name(final)}")
+    names, final = meta(c, True, ["qemu:dirty-bitmap:nosuch", "qemu:nosuch"])
+    refused = isinstance(final, ev.RepError) and final.reply_type == Rep.ERR_INVALID
+    verdict.expect((isinstance(final, ev.RepAck) and not names) or refused, "BS-031",
+                   expected="unknown qemu: leaves select nothing (or NBD_REP_ERR_INVALID, BS-029)",
+                   observed=f"{names} then {rep_name(final)}")
+
+
+# Every context answers in its own chunk (BS-002 / BS-056), with REQ_ONE exactly one descriptor no longer
+# than the request (BS-054 / BS-058 / BS-059), and extents in multiples of 512 (BS-077): qcow2 clusters
+# are 64 KiB, so qemu has no reason for less.  Allocation depth and dirty bits fit in 32 bits (BS-011).
+@pytest.mark.req("BS-002", "BS-011", "BS-054", "BS-056", "BS-058", "BS-059", "BS-077")
+@pytest.mark.feature("qemu:allocation-depth")
+def test_qemu_contexts_req_one_and_alignment(server_peer, connected, verdict):
+    """REQ_ONE per context, and 512-aligned extents over the whole export, for all three contexts."""
+    c = connected()
+    selected = set(c.get_meta_contexts().values())
+    if not {DEPTH, BITMAP} <= selected:
+        verdict.timeline("qemu:allocation-depth", DEPTH in selected, export=EXPORT)
+        verdict.timeline("qemu:dirty-bitmap", BITMAP in selected, export=EXPORT)
+        return
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    def callback(name: str, _offset: int, entries: list[int], _err: int) -> None:
+        seen.setdefault(name, []).extend(zip(entries[0::2], entries[1::2], strict=True))
+
+    c.block_status(EXPORT.size, 0, callback)
+    verdict.expect(all(0 <= f <= 0xFFFFFFFF for ext in seen.values() for _, f in ext), "BS-011",
+                   expected="32-bit status values", observed=str(seen)[:200])
+    odd = {name: [n for n, _ in ext if n % 512] for name, ext in seen.items()}
+    verdict.expect(not any(odd.values()), "BS-077", expected="extents in multiples of 512", observed=str(odd))
+    verdict.expect(set(seen) == selected, "BS-002", "BS-056", expected=str(sorted(selected)), observed=str(sorted(seen)))
+    for offset in (0, 3 * REGION):
+        seen.clear()
+        c.block_status(REGION // 2, offset, callback, CmdFlag.REQ_ONE)
+        verdict.expect(all(len(ext) == 1 and 0 < ext[0][0] <= REGION // 2 for ext in seen.values())
+                       and set(seen) == selected, "BS-054", "BS-058", "BS-059",
+                       expected="one descriptor per context, at most the request", observed=str(seen))

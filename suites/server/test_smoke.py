@@ -34,7 +34,16 @@ def test_reference_client_reads_size_and_data(server_peer, shared_server, shared
             if parse_version(seen)[: len(want)] != want:      # the matrix is wrong, not the peer
                 raise HarnessError(f"{server_peer.id}: the matrix says {server_peer.version}, the peer runs {seen}")
     client = ref_client(shared_server)
+    verdict.expect(not client.get_tls_negotiated(), "INTEROP-002", expected="served without TLS (NOTLS)",
+                   observed="TLS negotiated")
     assert client.get_size() == shared_export.size
     assert client.is_read_only(), "a read-only export must advertise NBD_FLAG_READ_ONLY"
     for offset in (0, shared_export.size - 4096):
         assert client.pread(4096, offset) == expected_bytes(shared_export, offset, 4096), offset
+    # READ "answered with a simple or a structured reply according to whether structured replies were
+    # negotiated" (RD-007)
+    kinds = {type(e.event).__name__ for e in client.transcript if e.direction == "S"
+             and type(e.event).__name__ in ("SimpleReply", "OffsetData", "OffsetHole", "ErrorChunk", "NoneChunk")}
+    simple = not client.get_structured_replies_negotiated()
+    verdict.expect(kinds == {"SimpleReply"} if simple else "SimpleReply" not in kinds, "RD-007",
+                   expected="replies in the negotiated style", observed=str(sorted(kinds)))

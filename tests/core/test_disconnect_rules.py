@@ -68,3 +68,20 @@ def test_hard_disconnect_after_a_failed_option(option, reply_type, expected):
     p.send(p.server, ev.RepError(option=option.option, reply_type=getattr(Rep, reply_type)))
     p.deliver(p.server, b"")
     assert ids(p.server) == expected
+
+
+def test_plain_newstyle_haggling_ends_with_a_close_on_either_side():
+    """Without fixed newstyle there is no NBD_OPT_ABORT and a server closes on any option but
+    NBD_OPT_EXPORT_NAME: neither close is charged (DISC-006 / DISC-007 are fixed newstyle's rules)."""
+    from nbdref import ClientConnection, HandshakeFlag, ServerConnection
+    from nbdref import events as ev
+
+    from .helpers import ConnectionPair
+    for closer in ("client", "server"):
+        p = ConnectionPair()
+        p.send(p.server, ev.NewstyleGreeting(flags=HandshakeFlag.NO_ZEROES))
+        p.send(p.client, ev.ClientFlags(flags=0))
+        target = p.server if closer == "client" else p.client
+        ConnectionPair.deliver(target, b"")
+        assert not target.violations, (closer, target.violations)
+        assert isinstance(p.client, ClientConnection) and isinstance(p.server, ServerConnection)

@@ -29,6 +29,10 @@ class TLSConfig:
     psk_file: str | os.PathLike[str] | None = None
     verify_peer: bool = False
     handshake_timeout: float = 10.0
+    # (minimum, maximum) protocol versions offered, names of ssl.TLSVersion ("TLSv1_2"); None: OpenSSL's
+    # defaults.  Below TLS 1.2 the security level drops to 0 so the old version is really offered (a
+    # client must then refuse it: "SHOULD NOT [support older versions] by default", TLS-046).
+    versions: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("off", "on", "require"):
@@ -41,15 +45,26 @@ class TLSConfig:
             return None
         from .. import tls
 
-        return tls.server_context(self.certificates, psk_file=self.psk_file, verify_peer=self.verify_peer)
+        ctx = tls.server_context(self.certificates, psk_file=self.psk_file, verify_peer=self.verify_peer)
+        if self.versions is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # TLSVersion.TLSv1/TLSv1_1 are deprecated names, on purpose here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                low, high = (ssl.TLSVersion[v] for v in self.versions)
+                if low < ssl.TLSVersion.TLSv1_2:
+                    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+                ctx.minimum_version, ctx.maximum_version = low, high
+        return ctx
 
 
 @dataclass(eq=False)
 class ConnectionRecord:
     """Everything the server learned about one connection; complete once ``ended`` is set.
 
-    ``violations`` and ``transcript`` are those of the core's ServerConnection (client breaches with
-    requirement ids, and the C:/S: wire log).  ``reason`` says why the connection ended, in one line.
+    ``violations``, ``checked`` and ``transcript`` are those of the core's ServerConnection (client
+    breaches with requirement ids, the ids of every rule checked on the client's messages, and the C:/S:
+    wire log).  ``reason`` says why the connection ended, in one line.
     """
 
     id: int
@@ -57,7 +72,15 @@ class ConnectionRecord:
     started: float = field(default_factory=time.time)
     export: str | None = None
     tls: bool = False
+    tls_version: str | None = None  # the negotiated protocol ("TLSv1.3"), once TLS is up
+    # How the client left after NBD_OPT_ABORT's ACK: "close_notify" (TLS shut down, then EOF), "eof",
+    # "data" (it sent more), "open" (still connected after a second); "" when it never aborted.
+    after_abort: str = ""
+    # (monotonic ns, "C" request arrived | "S" its reply sent, command, cookie): one clock for every
+    # connection of the server, so tests can order requests across connections (MC-001, MC-003).
+    timeline: list = field(default_factory=list)
     violations: list = field(default_factory=list)
+    checked: set = field(default_factory=set)  # ids of the rules checked on the client's messages
     transcript: object = None
     reason: str = ""
     error: BaseException | None = None

@@ -34,6 +34,12 @@ class Outcome:
     close: str = ""  # non-empty: hard-disconnect after the replies, with this reason
 
 
+def _brief(text: str, limit: int = 200) -> str:
+    """A client-supplied name or a parse reason, cut for an error message: "Strings SHOULD be no
+    longer than 256 bytes" (GEN-002) and "MUST never exceed 4096" (GEN-003), whatever the client sent."""
+    return text if len(text.encode()) <= limit else text[: limit // 4] + f"... ({len(text)} characters)"
+
+
 @dataclass(slots=True)
 class Negotiation:
     """Negotiation state of one connection (what was agreed so far)."""
@@ -171,7 +177,7 @@ class Negotiation:
             reason = getattr(opt, "reason", "")
             if reason and handler is not None:
                 # "If the option request is syntactically invalid ... MUST fail ... NBD_REP_ERR_INVALID".
-                return Outcome([ev.RepError(option=code, reply_type=Rep.ERR_INVALID, message=reason)])
+                return Outcome([ev.RepError(option=code, reply_type=Rep.ERR_INVALID, message=_brief(reason))])
             return Outcome([ev.RepError(option=code, reply_type=Rep.ERR_UNSUP, message="unknown option")])
         return handler(opt)
 
@@ -268,7 +274,7 @@ class Negotiation:
             return self._error(opt, Rep.ERR_INVALID, "negotiate structured replies first")
         export = self.find(opt.name)
         if export is None:
-            return self._error(opt, Rep.ERR_UNKNOWN, f"no export {opt.name!r}")
+            return self._error(opt, Rep.ERR_UNKNOWN, f"no export {_brief(repr(opt.name))}")
         for q in opt.queries:
             # Queries "MUST start with a namespace and a colon"; semantically invalid: "MAY fail".
             if ":" not in q:
@@ -307,10 +313,10 @@ class Negotiation:
         export = self.find(opt.name)
         if export is None:
             # "NBD_REP_ERR_UNKNOWN: The chosen export does not exist on this server."
-            return self._error(opt, Rep.ERR_UNKNOWN, f"no export {opt.name!r}")
+            return self._error(opt, Rep.ERR_UNKNOWN, f"no export {_brief(repr(opt.name))}")
         if self._tls_required_for(export):
             # SELECTIVETLS: "MUST reply with NBD_REP_ERR_TLS_REQD if that export is TLS-only".
-            return self._error(opt, Rep.ERR_TLS_REQD, f"export {opt.name!r} needs TLS")
+            return self._error(opt, Rep.ERR_TLS_REQD, f"export {_brief(repr(opt.name))} needs TLS")
         p = self.persona
         size = 0 if (p.info_size_zero and not go) else export.size
         replies: list[ev.Event] = [

@@ -8,6 +8,7 @@ holds ``_core_lock``, which is never held during blocking I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import threading
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import events as ev
-from .._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, Cmd, HandshakeFlag, Magic
+from .._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, Cmd, HandshakeFlag, Magic, Opt
 from .._errors import ProtocolError, RemoteProtocolError
 from .._strict import Strictness
 from .._transcript import Transcript
@@ -27,7 +28,7 @@ from ..personas import Persona
 from ._commands import Executor, ReadShape
 from ._config import Account, Budget, ConnectionRecord
 from ._export import Export
-from ._options import Negotiation
+from ._options import Negotiation, Outcome
 from ._transport import TLSTransport, Transport
 
 log = logging.getLogger("nbdref.server")
@@ -149,6 +150,7 @@ class Session:
             self._collect_violations()
             r.tls = self.t.tls
             r.violations = list(getattr(self.conn, "violations", []))
+            r.checked = set(getattr(self.conn, "checked", ()))
             r.transcript = getattr(self.conn, "transcript", None)
             try:
                 self.t.close()
@@ -350,6 +352,9 @@ class Session:
         if self.persona.no_zeroes:
             flags |= HandshakeFlag.NO_ZEROES
         flags &= self.mask_handshake  # like nbdkit --mask-handshake: test clients' fallbacks
+        if self.fault and self.fault.greeting_flags:
+            self._fault_applied()
+            flags |= self.fault.greeting_flags  # undefined bits: the client must ignore them (HS-005)
         greeting = ev.NewstyleGreeting(flags=flags)
         if self.fault and self.fault.greeting_magic is not None:
             self._fault_applied()
@@ -385,19 +390,116 @@ class Session:
             if not self.nego.fixed_newstyle and e.option != 1:
                 # Without fixed newstyle the server cannot reply to other options: it can only hang up.
                 raise Disconnect(f"option {e.option} without fixed newstyle")
-            outcome = self.nego.handle(e)
+            outcome = self._option_fault(e) or self.nego.handle(e)
+            if self.fault and self.fault.transmission_flags:
+                outcome.replies = [self._with_tx_flags(r) for r in outcome.replies]
+            if self.fault and (self.fault.unknown_info is not None or self.fault.reverse_info):
+                outcome.replies = self._info_fault(e.option, outcome.replies)
+            if self.fault and self.fault.context_ids:
+                outcome.replies = self._context_id_fault(e.option, outcome.replies)
             if outcome.replies:
                 mangle = self.fault is not None and self.fault.option_reply_magic is not None
                 if mangle:
                     self._fault_applied()
                 self._send(outcome.replies, self._mangle_option_replies if mangle else None)
             if outcome.close:
+                if e.option == Opt.ABORT and outcome.replies:
+                    self._watch_close_after_abort()
                 raise Disconnect(outcome.close)
             if outcome.starttls:
                 self._start_tls()
             if outcome.go is not None:
                 self._in_handshake = False
                 return outcome.go
+
+    def _option_fault(self, opt: ev.Option) -> Outcome | None:
+        """Fault ``option_error``: the first option (not STARTTLS, ABORT or EXPORT_NAME, which has no
+        error reply) gets that error instead of its answer; the negotiation goes on."""
+        f = self.fault
+        if f is None or f.option_error is None or self._fault_used or opt.option in (Opt.STARTTLS, Opt.ABORT,
+                                                                                      Opt.EXPORT_NAME):
+            return None
+        self._fault_used = True
+        self._fault_applied()
+        return Outcome([ev.RepError(option=opt.option, reply_type=f.option_error, message=f"fault {f.spec}")])
+
+    def _info_fault(self, option: int, replies: list[ev.Event]) -> list[ev.Event]:
+        """Faults ``unknown_info`` / ``reverse_info`` on an INFO/GO answer: what a future or merely
+        different server may legally send (no local breach: a client that hangs up is charged)."""
+        infos = [r for r in replies if isinstance(r, ev.RepInfo)]
+        if not infos:
+            return replies
+        rest = [r for r in replies if not isinstance(r, ev.RepInfo)]
+        if self.fault.reverse_info:  # type: ignore[union-attr]
+            infos.reverse()
+        if self.fault.unknown_info is not None:  # type: ignore[union-attr]
+            infos.insert(0, ev.RepInfoUnknown(option=option, info_type=self.fault.unknown_info,  # type: ignore[union-attr]
+                                              data=b"\0\0\0\0"))
+        return infos + rest
+
+    def _context_id_fault(self, option: int, replies: list[ev.Event]) -> list[ev.Event]:
+        """Fault ``context_ids``: LIST_META_CONTEXT replies carry nonzero IDs (which a client must
+        disregard, BS-042); SET_META_CONTEXT IDs start at 1000 + 17 x the connection's number, so no two
+        connections share them (BS-052).  The negotiation's map follows, so BLOCK_STATUS uses them."""
+        if option == Opt.LIST_META_CONTEXT:
+            self._fault_applied()  # "The metadata context ID in these replies is reserved and SHOULD be set to zero"
+            return [dataclasses.replace(r, context_id=0x7000 + i) if isinstance(r, ev.RepMetaContext) else r
+                    for i, r in enumerate(replies)]
+        if option != Opt.SET_META_CONTEXT:
+            return replies
+        shift = 1000 + 17 * self.record.id
+        self.nego.contexts = {cid + shift: name for cid, name in self.nego.contexts.items()}
+        return [dataclasses.replace(r, context_id=r.context_id + shift) if isinstance(r, ev.RepMetaContext) else r
+                for r in replies]
+
+    def _shape_block_status(self, req: ev.Request, events: list[ev.Event]) -> list[ev.Event]:
+        """Faults ``status_bits`` / ``split_extents`` on a BLOCK_STATUS answer (base:allocation only for
+        the bits, every context for the split)."""
+        f = self.fault
+        if f is None or req.command != Cmd.BLOCK_STATUS or not (f.status_bits or f.split_extents):
+            return events
+        from .._constants import CONTEXT_BASE_ALLOCATION
+        out: list[ev.Event] = []
+        for e in events:
+            if isinstance(e, ev.BlockStatus):
+                extents = list(e.extents)
+                if f.status_bits and self.nego.contexts.get(e.context_id) == CONTEXT_BASE_ALLOCATION:
+                    self._fault_applied()  # "Servers SHOULD set [the reserved bits] to all-zero"
+                    extents = [(n, flags | f.status_bits) for n, flags in extents]
+                if f.split_extents:
+                    extents = [part for n, flags in extents
+                               for part in (((n // 2, flags), (n - n // 2, flags)) if n >= 2 else ((n, flags),))]
+                e = dataclasses.replace(e, extents=tuple(extents))
+            out.append(e)
+        return out
+
+    def _with_tx_flags(self, reply: ev.Event) -> ev.Event:
+        """Fault ``transmission_flags``: undefined bits in the export's flags (CMD-013)."""
+        if isinstance(reply, (ev.RepInfoExport, ev.ExportNameReply)):
+            self._fault_applied()
+            return dataclasses.replace(reply, transmission_flags=reply.transmission_flags
+                                       | self.fault.transmission_flags)  # type: ignore[union-attr]
+        return reply
+
+    def _watch_close_after_abort(self, seconds: float = 1.0) -> None:
+        """After the ACK to NBD_OPT_ABORT "the client shut[s] down TLS (if it is running), and ... drop[s]
+        the connection" (DISC-001): wait up to ``seconds`` for that and record what came."""
+        deadline = time.monotonic() + seconds
+        how = "open"
+        try:
+            while time.monotonic() < deadline:
+                n = self._recv(max(0.05, deadline - time.monotonic()))
+                if n:
+                    how = "data"
+                    continue
+                end = "close_notify" if getattr(self.t, "close_notify", False) else "eof"
+                how = f"data, then {end}" if how == "data" else end
+                break
+        except TimeoutError:
+            pass
+        except OSError:
+            how = "eof"
+        self.record.after_abort = how
 
     def _mangle_option_replies(self, data: bytes) -> bytes:
         magic: int = self.fault.option_reply_magic  # type: ignore[union-attr,assignment]
@@ -417,6 +519,7 @@ class Session:
             self.conn.tls_established()
         self.nego.tls_started()
         self.record.tls = True
+        self.record.tls_version = self.t.version  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ transmission
 
@@ -433,6 +536,7 @@ class Session:
                 if not isinstance(e, ev.Request):
                     raise Disconnect(f"unexpected {type(e).__name__} in transmission")
                 self.record.requests += 1
+                self.record.timeline.append((time.monotonic_ns(), "C", e.command, e.cookie))
                 if e.command == Cmd.DISC:
                     # "The server MUST handle all outstanding requests, shut down the TLS session (if one
                     # is running), and close the TCP session."
@@ -513,7 +617,8 @@ class Session:
                     mine, self._fault_used = not self._fault_used, True
                 if mine and self._inject(executor, req):
                     return
-            self._send(executor.execute(req))
+            self._send(self._shape_block_status(req, executor.execute(req)))
+            self.record.timeline.append((time.monotonic_ns(), "S", req.command, req.cookie))
         except Disconnect as e:
             self.record.reason = self.record.reason or str(e)  # the first reason is the real one
             self._dead.set()
@@ -533,6 +638,10 @@ class Session:
             self._fault_applied()
             why = self._stall(f.stall_seconds, read=False)
             raise Disconnect(f"fault {f.spec}: stalled the reply until {why}")
+        if f.reply_error is not None:
+            self._fault_applied()
+            self._send(executor.error_reply(req, f.reply_error, f"fault {f.spec}"))
+            return True
         if f.cut_reply_at is not None:
             self._fault_applied()
             cut = f.cut_reply_at
@@ -548,4 +657,6 @@ class Session:
         if raw is None:
             return False
         self._send_raw(raw)  # the core's send_raw marks the local breach
+        with self._core_lock:
+            self.conn.answered_raw(req.cookie)   # that was its reply, however broken
         return True

@@ -70,6 +70,7 @@ class TLSTransport(Transport):
     """TLS on top of a plain socket, after NBD_OPT_STARTTLS was acknowledged."""
 
     tls = True
+    close_notify = False  # the client shut TLS down (its close_notify arrived) before any EOF
 
     def __init__(self, raw: Transport, context: ssl.SSLContext, *, timeout: float,
                  initial: bytes = b"") -> None:
@@ -136,12 +137,15 @@ class TLSTransport(Transport):
                     pending = self._out.pending
                 if pending:
                     self._flush()
+                if not n and len(buf):
+                    self.close_notify = True  # read() gives 0 at the peer's close_notify (a bare EOF: _fill)
                 return n
             except ssl.SSLWantReadError:
                 self._flush()
                 if not self._fill():
                     return 0
             except ssl.SSLZeroReturnError:
+                self.close_notify = True
                 return 0
 
     def send(self, iov: Sequence[Chunk]) -> int:
