@@ -15,7 +15,6 @@ from nbdref._constants import Cmd
 from suites.client._own import (
     MiB,
     Step,
-    client_kind,
     describe,
     own_server,
     requests_sent,
@@ -25,11 +24,6 @@ from suites.client._own import (
 )
 
 SECTION = "Terminating the transmission phase"
-
-@pytest.fixture
-def kind(client_peer: Any, verdict: Any) -> str:
-    return client_kind(client_peer, verdict)
-
 
 NBDSH_IN_FLIGHT = """
 bufs = [nbd.Buffer(65536) for _ in range(8)]

@@ -18,7 +18,6 @@ from nbdref._constants import ClientFlag, HandshakeFlag, Info, Opt
 from suites.client._own import (
     MiB,
     client_events,
-    client_kind,
     describe,
     options_sent,
     own_server,
@@ -32,11 +31,6 @@ from suites.client._own import (
 
 SECTION = "Handshake"
 OFFSET, LENGTH = MiB + 512, 1024
-
-
-@pytest.fixture
-def kind(client_peer: Any, verdict: Any) -> str:
-    return client_kind(client_peer, verdict)
 
 
 def _read_ok(verdict: Any, kind: str, res: Any, what: str) -> None:

@@ -20,7 +20,6 @@ from suites.client._own import (
     MiB,
     Step,
     client_events,
-    client_kind,
     describe,
     options_sent,
     own_server,
@@ -35,11 +34,6 @@ from suites.client._own import (
 
 SECTION = "Option haggling"
 OFFSET, LENGTH = MiB + 4096, 512
-
-
-@pytest.fixture
-def kind(client_peer: Any, verdict: Any) -> str:
-    return client_kind(client_peer, verdict)
 
 
 def list_step(kind: str, name: str, own: Any, *, contexts: bool = False) -> Step:

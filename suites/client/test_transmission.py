@@ -22,7 +22,6 @@ from fixtures.peers.qemu_clients import parse_read_dump
 from suites.client._own import (
     MiB,
     Step,
-    client_kind,
     describe,
     overlapping_connections,
     own_server,
@@ -35,11 +34,6 @@ from suites.client._own import (
 
 SECTION = "Size constraints"
 DATA_COMMANDS = {Cmd.READ, Cmd.WRITE, Cmd.DISC}
-
-
-@pytest.fixture
-def kind(client_peer: Any, verdict: Any) -> str:
-    return client_kind(client_peer, verdict)
 
 
 # ---- what each kind of client is asked to do (ops: (name, offset, length, byte or None for a read))

@@ -20,7 +20,6 @@ from suites.client._own import (
     MiB,
     Step,
     client_events,
-    client_kind,
     describe,
     free_loopback,
     own_server,
@@ -102,11 +101,6 @@ def _servers(workdir: Any, forms: list[Form]) -> Any:
         yield owns
 
 
-@pytest.fixture
-def kind(client_peer: Any, verdict: Any) -> str:
-    return client_kind(client_peer, verdict)
-
-
 @pytest.mark.req("URI-001", "URI-002", "URI-004", "URI-009", "URI-012", "URI-013", "URI-015", "URI-016", "HS-001")
 @pytest.mark.feature("newstyle")
 def test_uri_forms(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
@@ -170,7 +164,7 @@ def test_uri_refusals(request: Any, client_peer: Any, kind: str, peer_workdir: A
     if res.ok:
         # It reached the Unix socket, so it did not use the authority ("localhost") to connect: URI-010
         # held.  A refusal says nothing either way ("It is up to the NBD client what should happen").
-        verdict.expect(True, "URI-010", expected="the authority is not used for a Unix-socket URI",
+        verdict.held("URI-010", expected="the authority is not used for a Unix-socket URI",
                        observed="connected to the socket")
     verdict.info(f"{uris['unix-authority']}: exit {res.rc} ({'connected to the socket' if res.ok else 'refused'}): "
                  f"{res.out[-150:]!r}")
