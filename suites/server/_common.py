@@ -129,3 +129,16 @@ def reference_style(spec: Any) -> dict[str, Any]:
     if mask is not None:
         style["mask_handshake"] = mask
     return style
+
+
+class InProcessServer:
+    """What ref_client and Judge.watch_server need of an nbdref Server a test started itself: its URI, and
+    whether it is still alive (serving, or stopped by the test on purpose -- not died)."""
+
+    spec = None
+
+    def __init__(self, server: Any, uri: str | None = None) -> None:
+        self.server, self.uri = server, uri or server.uri
+
+    def alive(self) -> bool:
+        return bool(self.server.stopped or self.server.serving())

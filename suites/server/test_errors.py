@@ -313,7 +313,7 @@ def test_quota_errors_are_enospc(server_peer, tmp_path, ref_client, verdict, hos
     from nbdref.backends import BackendError, MemoryBackend
     from nbdref.server import Export, Server
 
-    from suites.server.test_info_go import _Running
+    from suites.server._common import InProcessServer
 
     if server_peer.implementation != "nbdref":
         verdict.not_applicable(f"{server_peer.implementation}: the harness cannot make its storage fail "
@@ -328,7 +328,7 @@ def test_quota_errors_are_enospc(server_peer, tmp_path, ref_client, verdict, hos
                  unix=str(tmp_path / "q.sock"))
     srv.start()
     try:
-        c = ref_client(_Running(srv.uri))
+        c = ref_client(InProcessServer(srv))
         error = outcome(c, Cmd.WRITE, 0, 4096, payload=b"\x01" * 4096)
         verdict.info(f"backend {host_errno}: {error_name(error)}")
         expect_error(verdict, error, "ERR-002", Err.ENOSPC, f"a WRITE failing with {host_errno}")

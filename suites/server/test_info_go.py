@@ -13,7 +13,7 @@ from nbdref._strict import Strictness
 from nbdref.client import ClientError
 
 from fixtures.exports import expected_bytes
-from suites.server._common import acked, flag_names
+from suites.server._common import InProcessServer, acked, flag_names
 
 SECTION = "Option haggling: NBD_OPT_INFO and NBD_OPT_GO"
 
@@ -292,7 +292,7 @@ def test_info_selective_tls(server_peer, peer_tls_material, tmp_path, ref_client
                  tls=TLSConfig(mode="on", certificates=str(peer_tls_material.x509_dir)))
     srv.start()
     try:
-        c = _plain_option_client(ref_client, _Running(srv.uri_for("open")))
+        c = _plain_option_client(ref_client, InProcessServer(srv, srv.uri_for("open")))
         if c.get_protocol() != "newstyle-fixed":
             verdict.info("no option haggling", only=True)
             return
@@ -320,11 +320,3 @@ def test_info_selective_tls(server_peer, peer_tls_material, tmp_path, ref_client
         srv.stop(timeout=5)
 
 
-class _Running:
-    """What ref_client needs of a server it did not start itself: its URI, and that it runs."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def alive(self) -> bool:
-        return True

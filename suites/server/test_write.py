@@ -239,11 +239,11 @@ def odd_size_server(request, server_peer, fresh_export, tmp_path, verdict):
             verdict.not_applicable(f"the harness makes only exports whose size is a multiple of 512 ({e})")
         from nbdref.server import Export, Server
 
-        from suites.server.test_info_go import _Running
+        from suites.server._common import InProcessServer
         srv = Server([Export.memory("exp", ODD_SIZE)], persona=server_peer.persona, unix=str(tmp_path / "o.sock"))
         srv.start()
         request.addfinalizer(lambda: srv.stop(timeout=5))
-        return _Running(srv.uri)
+        return InProcessServer(srv)
     return fresh_export(export)
 
 
@@ -331,7 +331,7 @@ def test_fast_zero_refused(request, server_peer, fresh_export, tmp_path, ref_cli
         from nbdref.backends import MemoryBackend
         from nbdref.server import Export, Server
 
-        from suites.server.test_info_go import _Running
+        from suites.server._common import InProcessServer
 
         class NoFastZero(MemoryBackend):
             def fast_zero_possible(self, offset: int, length: int, *, may_trim: bool) -> bool:
@@ -343,7 +343,7 @@ def test_fast_zero_refused(request, server_peer, fresh_export, tmp_path, ref_cli
                      unix=str(tmp_path / "z.sock"))
         srv.start()
         request.addfinalizer(lambda: srv.stop(timeout=5))
-        server, export = _Running(srv.uri), None
+        server, export = InProcessServer(srv), None
     else:
         export = ExportRequest(size=1 << 20, content="zero", writes=((4096, pattern),))
         server = fresh_export(export)

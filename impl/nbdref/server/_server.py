@@ -156,6 +156,16 @@ class Server:
                  f", fault {self.fault.spec}" if self.fault else "")
         return self
 
+    @property
+    def stopped(self) -> bool:
+        """stop() was called."""
+        return self._stopping.is_set()
+
+    def serving(self) -> bool:
+        """Started, not stopped, and every listener still accepting."""
+        return (not self._stopping.is_set() and bool(self._accept_threads)
+                and all(t.is_alive() for t in self._accept_threads))
+
     def serve_forever(self) -> None:
         self.start()
         try:
