@@ -22,6 +22,7 @@ from ._constants import (
     ClientFlag,
     Cmd,
     HandshakeFlag,
+    Magic,
     Opt,
     ReplyType,
 )
@@ -40,6 +41,7 @@ _ERROR, _CLOSED, _TLS_HANDSHAKE = State.ERROR, State.CLOSED, State.TLS_HANDSHAKE
 _DISC = int(Cmd.DISC)
 _NO_ZEROES, _C_NO_ZEROES = int(HandshakeFlag.NO_ZEROES), int(ClientFlag.NO_ZEROES)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_REQUEST_MAGICS = (Magic.REQUEST.to_bytes(4, "big"), Magic.EXTENDED_REQUEST.to_bytes(4, "big"))
 
 # (state, sender, event class) -> next state, filled from TRANSITIONS as classes are first seen.
 _TARGETS: dict[tuple[State, Role, type], State] = {}
@@ -153,6 +155,9 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._parse_noted: set[tuple[str, str]] = set()  # parse-time breaches of the current message
         # We sent raw bytes or broke a mandatory rule: the peer's hard disconnect is then legitimate.
         self.local_breach = False
+        # How the peer's TLS session ended before its EOF (peer_tls_eof): True = close_notify first,
+        # False = a bare EOF under TLS, None = not told (no TLS, or a driver that cannot tell).
+        self.peer_close_notify: bool | None = None
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -457,6 +462,39 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._trailing = bytearray()
         self._buf = ReceiveBuffer()
 
+    def tls_first_bytes(self, data: bytes) -> None:
+        """The first bytes the peer sent after the ACK to NBD_OPT_STARTTLS (a driver tells us, before its
+        TLS layer reads them): "all further data MUST be sent and received over TLS" (TLS-014), so they
+        must open a TLS record (content type 20-23, protocol major version 3)."""
+        head = bytes(data[:_DATA_CAP])
+        self._sender, self._raw = self.peer, head
+        self._record = self.checked.add
+        self._found, self._fatal_ids = [], set()
+        ok = bool(head) and 20 <= head[0] <= 23 and (len(head) < 2 or head[1] == 3)
+        what = ("NBD option magic (IHAVEOPT)" if head.startswith(b"IHAVEOPT") else
+                "an NBD request magic" if head[:4] in _REQUEST_MAGICS else
+                "not a TLS record")
+        self._check(ok, "TLS-014", f"plaintext after the STARTTLS ACK, {what}: {head[:16].hex()}")
+        if self._found:
+            self._record_violations()
+
+    def peer_tls_eof(self, close_notify: bool) -> None:
+        """The peer's TLS session ended: with its close_notify (True) or by a bare EOF (False).  Call it
+        before feeding the EOF; judged with the EOF (DISC-002 / DISC-016)."""
+        self.peer_close_notify = close_notify
+
+    def _tls_shutdown_first(self) -> None:
+        """"A party initiating a hard disconnect while TLS is running should shut TLS down first": during
+        haggling (DISC-002), in transmission (DISC-016).  After NBD_CMD_DISC (DISCONNECTING) or
+        NBD_OPT_ABORT the disconnect is soft, and the TLS shutdown is the server's (DISC-015) or judged
+        as DISC-001: not judged here."""
+        if self.peer_close_notify is None or not self.tls_negotiated:
+            return
+        if self._state is State.OPTIONS:
+            self._check(self.peer_close_notify, "DISC-002", "EOF during haggling without TLS close_notify")
+        elif self._state is State.TRANSMISSION:
+            self._check(self.peer_close_notify, "DISC-016", "EOF in transmission without TLS close_notify")
+
     def next_event(self) -> ev.Event | _NeedData:
         """The next event decoded from the peer's bytes, or NEED_DATA."""
         if self._queue:
@@ -487,8 +525,12 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
         self._found, self._fatal_ids = [], set()
         if len(self._buf) or self._sink_left:
             self.transcript.note("!", "truncated", f"EOF inside a message ({len(self._buf)} bytes pending)")
+        self._tls_shutdown_first()
         if self.local_breach:
-            pass  # "Either party may hard-disconnect on detecting a violation" by the other (DISC-003/017)
+            # "Either party may hard-disconnect on detecting a violation" by the other (DISC-003/017): a
+            # close during haggling is then one the listed circumstances allow (DISC-006 held).
+            if self._state is State.OPTIONS and self._fixed_newstyle():
+                self._record("DISC-006")
         elif self.role is CLIENT and self._state in (State.TRANSMISSION, State.DISCONNECTING) and self._inflight:
             partial = [r for r in self._inflight.values() if r.chunks]
             if partial:
@@ -526,10 +568,11 @@ class Connection(NegotiationRules, TransmissionRules, Parsers):
             # NOT use a hard disconnect" (DISC-007), whatever other option failed.
             # DISC-006 ("no party may hard-disconnect during haggling ...") for the client is judged as
             # its client-side form, DISC-007; either way this close was held to it.
-            self._record("DISC-006")
             if not self._last_reply_failed:
+                # The breach is reported once, as DISC-007 (DISC-006 is not recorded as held).
                 self._check(False, "DISC-007", "client closed during option haggling without NBD_OPT_ABORT")
             else:
+                self._record("DISC-006")
                 self._record("DISC-007")
         elif self.role is SERVER and self._state is State.TRANSMISSION:
             # "Neither side may disconnect in transmission phase except by NBD_CMD_DISC" (DISC-024)

@@ -7,6 +7,7 @@ from . import _wire as w
 from ._checker import Checker, _power_of_two
 from ._constants import (
     MAX_MIN_BLOCK,
+    STRING_MAX,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -114,6 +115,7 @@ class NegotiationRules(Checker):
                 self._string(q, "meta context query")
                 # "each query MUST begin with a namespace and a colon" (BS-027 / BS-046)
                 self._check(":" in q, "BS-046" if setting else "BS-027", f"query {q!r} has no namespace")
+                self._context_name(q, "meta context query")
             if setting:
                 # "The client MUST NOT send NBD_OPT_SET_META_CONTEXT before structured replies" (BS-043)
                 self._check(replies, "BS-043", "NBD_OPT_SET_META_CONTEXT before structured replies")
@@ -123,6 +125,10 @@ class NegotiationRules(Checker):
             # "a client SHOULD NOT send a state-changing option more than once" (OPT-005)
             self._check(e.option not in self._sent_state_options, "OPT-005", f"option {e.option} sent twice")
             self._sent_state_options.add(e.option)
+        if isinstance(e, ev.OptAbort | ev.OptExportName) and self._fixed_newstyle():
+            # The client ended haggling by a soft disconnect or by entering transmission: it did not
+            # hard-disconnect during haggling (DISC-006), watched for the whole phase.
+            self._record("DISC-006")
         self._options_since_info += 1
         if isinstance(e, ev.OptInfo):
             self._options_since_info = 0
@@ -163,6 +169,7 @@ class NegotiationRules(Checker):
             self._check(":" in r.name, "BS-040", f"context name {r.name!r} has no namespace")
             self._check(w.is_valid_utf8(r.name), "BS-053", "context name is not valid UTF-8")
             self._string(r.name, "context name")
+            self._context_name(r.name, "context name")
             if code == Opt.SET_META_CONTEXT:
                 queries = getattr(opt, "queries", ())
                 # "With zero queries SET_META_CONTEXT MUST select no contexts" (BS-047)
@@ -229,6 +236,8 @@ class NegotiationRules(Checker):
             # NBD_REP_ACK" (GO-012)
             self._check(exports, "GO-012", "NBD_REP_ACK without a preceding NBD_INFO_EXPORT")
             if code == Opt.GO:
+                # Haggling ended with GO's ACK: neither side hard-disconnected during it (DISC-006).
+                self.checked.add("DISC-006")
                 self._same_as_info(opt, exports)
                 self._commit_export(opt, exports)
                 self._zeroes_suspect = "GO-025"
@@ -262,6 +271,24 @@ class NegotiationRules(Checker):
             f"GO gave size {now.export_size} flags {now.transmission_flags:#x}, INFO gave "
             f"{before.export_size} / {before.transmission_flags:#x}",
         )
+
+    def _context_name(self, name: str, what: str) -> None:
+        """proto.md "Metadata querying": a context name is "a namespace, followed by a colon, followed by
+        a leaf-name"; the namespace is non-empty, "printable non-whitespace UTF-8 characters other than
+        colons" (BS-007); the whole name follows the string rules (BS-008).  Held to a client's queries
+        too (the only names a client sends): a query's leaf may be empty (the LIST wildcard; in SET it
+        "SHOULD NOT select any contexts", which binds the server), and its syntax after the colon is
+        implementation-defined, so only the namespace and the colon are judged."""
+        ns, colon, _leaf = name.partition(":")
+        if colon:       # a missing colon is BS-027 / BS-046 / BS-040, reported where it is checked
+            ok = bool(ns) and all(c.isprintable() and not c.isspace() for c in ns)
+            self._check(ok, "BS-007", f"{what} {name[:80]!r}: the namespace is empty or not printable "
+                                      "non-whitespace characters")
+        # The string rules themselves are GEN-001 / GEN-003, checked by _string on the same name just
+        # before: BS-008 ("the whole name MUST obey them") held when they did, so a breach is told once.
+        b = w.enc_str(name)
+        if len(b) <= STRING_MAX and b"\0" not in b and w.is_valid_utf8(name):
+            self._record("BS-008")
 
     def _bad_client_flags(self) -> bool:
         """The client set an unknown flag or one the server did not advertise."""

@@ -1063,12 +1063,20 @@ class Client:
             self.shutdown()
         self._abandon()
 
-    def _abandon(self) -> None:
+    def _abandon(self, *, notify: bool = True) -> None:
+        """Release the socket.  Over TLS, close_notify goes first ("the party initiating the transaction
+        SHOULD shutdown TLS first", DISC-002 / DISC-016), sent without waiting for the peer's; a test that
+        means a bare TCP close says ``notify=False``."""
         self._closed = True
         sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+        if sock is None:
+            return
+        if notify and isinstance(sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError, ValueError):
+                sock.setblocking(False)
+                sock.unwrap()           # sends close_notify; SSLWantReadError: the peer's has not come
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def __enter__(self) -> Client:
         return self

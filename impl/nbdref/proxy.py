@@ -600,6 +600,8 @@ class Proxy:
         if self._sock is not None:
             path = self.listen_uri.socket if self.listen_uri.transport == "unix" else None
             with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() at once on Linux
+            with contextlib.suppress(OSError):
                 self._sock.close()
             if path and not path.startswith("\0"):
                 with contextlib.suppress(OSError):

@@ -71,10 +71,11 @@ def _final_ack_before_each_option(record: Any) -> list[str]:
 # any other flags" (HS-016), "SHOULD set NBD_FLAG_C_FIXED_NEWSTYLE" (HS-007/HS-012); "Clients SHOULD use
 # NBD_OPT_GO in preference to NBD_OPT_EXPORT_NAME" (OPT-009) and one that can honour size constraints asks
 # NBD_INFO_BLOCK_SIZE (BSZ-001, INTEROP-016) and then MUST use GO (BSZ-002).  After GO's ACK no option
-# follows (GO-026), and every option waits for the final reply of the one before (OPT-004).
+# follows (GO-026), and every option waits for the final reply of the one before (OPT-004).  Haggling that
+# ends with GO's ACK had no hard disconnect (DISC-006: the core records it held on each such connection).
 @pytest.mark.req("HS-007", "HS-012", "HS-016", "INTEROP-003", "INTEROP-004", "INTEROP-010", "OPT-004", "OPT-005",
                  "OPT-009", "GO-002", "GO-004", "GO-026", "BSZ-002", "INTEROP-016", "GEN-001", "GEN-002", "GEN-003",
-                 "EXT-034", "EXT-043")
+                 "EXT-034", "EXT-043", "DISC-006")
 @pytest.mark.feature("NBD_OPT_GO")
 def test_fixed_newstyle_and_go(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                                evidence: Any) -> None:

@@ -115,8 +115,12 @@ def parse_map(kind: str, out: str) -> list[tuple[int, bool, bool]] | None:
 # NBD_OPT_LIST "MUST NOT" carry data (OPT-017), NBD_OPT_ABORT "SHOULD NOT" (OPT-012); a client that stops
 # negotiating "MUST do so with a soft disconnect" (DISC-009, DISC-007: no bare close during haggling);
 # every implementation supports LIST and ABORT (INTEROP-007, INTEROP-008).  A server without the ACK to
-# ABORT (persona nbd-server-3.24 closes at once): "the client SHOULD cope" (OPT-014).
-@pytest.mark.req("OPT-012", "OPT-017", "DISC-007", "DISC-009", "INTEROP-007", "INTEROP-008", "OPT-014", "BS-027")
+# ABORT (persona nbd-server-3.24 closes at once): "the client SHOULD cope" (OPT-014).  LIST_META_CONTEXT
+# queries (libnbd, nbdref; qemu-nbd --list sends none) start with a namespace and a colon (BS-027), a
+# well-formed namespace (BS-007) in a string that obeys the string rules (BS-008); ABORT ends haggling
+# without a hard disconnect (DISC-006).
+@pytest.mark.req("OPT-012", "OPT-017", "DISC-007", "DISC-009", "INTEROP-007", "INTEROP-008", "OPT-014", "BS-027",
+                 "BS-007", "BS-008", "DISC-006")
 @pytest.mark.feature("NBD_OPT_LIST")
 def test_list_then_abort(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                          evidence: Any) -> None:
@@ -282,8 +286,9 @@ def _list_then_map(kind: str, uri: str) -> Step | None:
 # cope with consecutive descriptors that have the same status" (BS-076: every extent split in two); context
 # IDs are "transient" per connection (BS-052: two connections, other IDs) and those of LIST replies are to
 # be disregarded (BS-042: nonzero there, then SET gives others).  The export is all data: every map must say
-# so and cover it.
-@pytest.mark.req("BS-024", "BS-076", "BS-052", "BS-042")
+# so and cover it.  The core holds each SET_META_CONTEXT query the client sends to "namespace, colon,
+# leaf-name" (BS-007) and the string rules (BS-008).
+@pytest.mark.req("BS-024", "BS-076", "BS-052", "BS-042", "BS-007", "BS-008")
 @pytest.mark.feature("NBD_CMD_BLOCK_STATUS")
 def test_block_status_reshaped(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                                evidence: Any) -> None:

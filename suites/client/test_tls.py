@@ -184,8 +184,9 @@ def ok(result: Any, session: Session) -> Any:
 
 # A TLS client: "On NBD_REP_ACK to STARTTLS the client must immediately upgrade the connection to TLS"
 # (TLS-035), "must not send NBD_OPT_STARTTLS once TLS is active" (TLS-033), and sends no data with it
-# (TLS-052): the reference server's core checks each, on every connection the tools make.
-@pytest.mark.req("TLS-030", "TLS-032", "TLS-033", "TLS-035", "TLS-052", "INTEROP-014")
+# (TLS-052); after the ACK "all further data MUST be sent and received over TLS" (TLS-014: its first bytes
+# are a TLS record, not plaintext NBD): the reference server's core checks each, on every connection.
+@pytest.mark.req("TLS-030", "TLS-032", "TLS-033", "TLS-035", "TLS-052", "INTEROP-014", "TLS-014")
 def test_qemu_io_tls_read(client_runner: ClientRunner, tls_tool: str, qemu_tool: str, reference: Reference, session: Session,
                           verdict: Any, client_peer: PeerSpec) -> None:
     server = target(reference, client_peer)
@@ -197,7 +198,7 @@ def test_qemu_io_tls_read(client_runner: ClientRunner, tls_tool: str, qemu_tool:
     verdict.info(f"TLS {reference.kind}: qemu-io read ok ({server.transport})")
 
 
-@pytest.mark.req("TLS-030", "TLS-035", "TLS-052")
+@pytest.mark.req("TLS-030", "TLS-035", "TLS-052", "TLS-014")
 def test_qemu_img_tls_info(client_runner: ClientRunner, tls_tool: str, qemu_tool: str, reference: Reference, session: Session,
                            client_peer: PeerSpec, verdict: Any) -> None:
     server = target(reference, client_peer)
@@ -219,7 +220,7 @@ def nbdsh_tls_argv(server: RunningServer, libnbd: tuple[int, ...], script: str) 
     return nbdsh_argv(server, ("-c", script), libnbd)
 
 
-@pytest.mark.req("TLS-030", "TLS-032", "TLS-033", "TLS-035", "TLS-052", "URI-003")
+@pytest.mark.req("TLS-030", "TLS-032", "TLS-033", "TLS-035", "TLS-052", "URI-003", "TLS-014")
 def test_nbdsh_tls_read(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: str, reference: Reference, session: Session,
                         verdict: Any, client_peer: PeerSpec) -> None:
     server = target(reference, client_peer)
@@ -232,7 +233,7 @@ def test_nbdsh_tls_read(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool
     verdict.info(f"TLS {reference.kind}: nbdsh read ok")
 
 
-@pytest.mark.req("TLS-030", "TLS-035", "URI-003")
+@pytest.mark.req("TLS-030", "TLS-035", "URI-003", "TLS-014")
 def test_nbdinfo_tls(client_runner: ClientRunner, tls_tool: str, nbdinfo_tool: str, reference: Reference, session: Session, verdict: Any,
                      client_peer: PeerSpec) -> None:
     server = target(reference, client_peer)
@@ -554,3 +555,57 @@ def test_abort_shuts_tls_down(client_runner: ClientRunner, tool: str, peer_tls_m
     for r in aborted:
         verdict.expect(r.after_abort == "close_notify", "DISC-001", expected="after NBD_OPT_ABORT's ACK: TLS "
                        "close_notify, then the connection dropped", observed=f"the client: {r.after_abort or '?'}")
+
+
+# "A party initiating a hard disconnect while TLS is running should shut TLS down first" (DISC-002, option
+# haggling) and "A party dropping the connection in transmission phase should shut TLS down first"
+# (DISC-016).  A client hard-disconnects legitimately when the server breaks a MUST (DISC-003 / DISC-017):
+# a FORCEDTLS server whose option replies inside TLS carry a wrong magic (the STARTTLS ACK is spared), and
+# one whose first READ reply does.  The reference server's transport tells a TLS close_notify before the
+# EOF from a bare EOF; its core judges each hard disconnect (a breach is non-strict: SHOULD).  A client
+# that answers the bad reply with NBD_OPT_ABORT ends softly instead: not a hard disconnect, shown as info.
+# After NBD_CMD_DISC the disconnect is soft and "the server MUST close down the TLS session" (DISC-015):
+# the client's own close then is not judged here (the hard-disconnect text does not cover it).
+TLS_FAULTS = {"haggling": ("wrong-option-reply-magic", "DISC-002"), "transmission": ("wrong-reply-magic", "DISC-016")}
+
+
+@pytest.mark.req("DISC-002", "DISC-016", "TLS-014")
+def test_hard_disconnect_shuts_tls_down(client_runner: ClientRunner, tool: str, peer_tls_material: Any,
+                                        verdict: Any, client_peer: PeerSpec, peer_workdir: Any,
+                                        evidence: Any) -> None:
+    """A server breach inside TLS, in haggling and in transmission: the client's hang-up has close_notify."""
+    from nbdref.server import TLSConfig
+
+    from suites.client._own import Step, describe, options_sent, own_server, run_steps
+    _tls_capable(client_peer, verdict, "x509", "tcp")
+    with contextlib.ExitStack() as stack:
+        owns = {k: stack.enter_context(own_server(
+                    peer_workdir, f"tls-hard-{k}", transport="tcp", fault=fault,
+                    tls=TLSConfig(mode="require", certificates=peer_tls_material.x509_dir)))
+                for k, (fault, _rule) in TLS_FAULTS.items()}
+        for k, own in owns.items():
+            verdict.watch(own.watch)
+            evidence.add(f"reference server '{k}' transcript", lambda o=own: o.watch.transcript)
+        steps = [Step(k, _client_argv(client_runner, client_peer, _tls_view(own, "x509", peer_tls_material)))
+                 for k, own in owns.items()]
+        results = run_steps(client_runner, steps, timeout=TOOL_TIMEOUT)
+        recorded = {k: own.records() for k, own in owns.items()}
+    for k, (fault, rule) in TLS_FAULTS.items():
+        records, res = recorded[k], results[k]
+        tls = [r for r in records if r.tls]
+        if not tls:
+            raise HarnessError(f"{k}: no connection reached TLS (exit {res.rc}): {describe(records)}; {res.out[-300:]}")
+        judged = [r for r in tls if rule in r.checked]
+        if judged:
+            verdict.info(f"{k} ({fault}), exit {res.rc}: " + "; ".join(_tls_ending(r, rule) for r in judged))
+        elif any(Opt.ABORT in options_sent(r) for r in tls):
+            verdict.info(f"{k} ({fault}): the client ended with NBD_OPT_ABORT, a soft disconnect (after its ACK: "
+                         f"{[r.after_abort for r in tls]}); no hard disconnect for {rule} to judge")
+        else:
+            verdict.info(f"{k} ({fault}): no hang-up of the client under TLS to judge: {describe(tls)}")
+
+
+def _tls_ending(record: Any, rule: str) -> str:
+    """How one connection's client left: its TLS close_notify before the EOF, or a bare EOF."""
+    bare = any(v.req_id == rule for v in record.violations)
+    return f"#{record.id}: {'a bare EOF, no close_notify' if bare else 'close_notify, then EOF'} ({record.reason})"

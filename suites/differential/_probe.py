@@ -30,11 +30,12 @@ from nbdref.client import ClientError
 from nbdref.connection import NEED_DATA, ClientConnection
 
 from fixtures.exports import expected_bytes
+from fixtures.timeouts import SILENCE
 
 # Our own breaches are sent, the server's are recorded (and judged by the watch at the end of the test).
 LENIENT = Strictness.lenient()
 HARD = "hard disconnect"
-FOLLOW_UP_TIMEOUT = 5.0          # a follow-up read on a connection that should still work
+FOLLOW_UP_TIMEOUT = SILENCE      # a follow-up read on a connection that should still work
 PROBE = 512                      # the follow-up read: the first sector of the export
 
 
@@ -71,7 +72,7 @@ def setup(*, structured: bool = True, contexts: tuple[str, ...] = (), name: str 
 
 
 def connect(ref_client: Any, server: Any, *, structured: bool = True, contexts: tuple[str, ...] = (),
-            opt_mode: bool = False, timeout: float = 10.0, name: str | None = None) -> Any:
+            opt_mode: bool = False, timeout: float = SILENCE, name: str | None = None) -> Any:
     """A lenient reference client on `server` (see `setup`); `name`: the export name to ask for."""
     return ref_client(server, strictness=LENIENT, opt_mode=opt_mode, timeout=timeout,
                       setup=setup(structured=structured, contexts=contexts, name=name))

@@ -18,7 +18,9 @@ from nbdref._errors import RemoteProtocolError
 from nbdref._strict import Strictness
 from nbdref.connection import NEED_DATA, ClientConnection
 
-TIMEOUT = 10.0
+from fixtures.timeouts import SILENCE
+
+TIMEOUT = SILENCE
 UNKNOWN_OPTION = 0x4E42                 # no option of proto.md or the ext-header draft has this code
 
 

@@ -21,6 +21,7 @@ from nbdref import events as ev
 from nbdref._constants import Opt, Rep
 
 from fixtures.expectations import option_haggling
+from fixtures.timeouts import SILENCE
 from suites.server._haggle import UNKNOWN_OPTION, Plain, final, is_error, names
 
 SECTION = "Option haggling"
@@ -103,7 +104,7 @@ def _need_options(server_peer, verdict) -> None:
 
 # A healthy server answers an option in milliseconds; one out of step after a malformed option waits
 # for bytes that never come, so the wait for a reply is short.
-REPLY_TIMEOUT = 3.0
+REPLY_TIMEOUT = SILENCE
 
 
 def _session(shared_server, verdict, run: Callable[[Plain], None], *, legal: bool = True) -> None:

@@ -8,6 +8,7 @@ import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,51 @@ def test_docker_available_asks_the_engine_once_per_process(monkeypatch: pytest.M
     monkeypatch.setattr(images, "_DOCKER_STATUS", None)
     assert docker_available() == docker_available() == (False, "no engine here")
     assert len(calls) == 1
+
+
+def test_a_timed_out_engine_call_makes_later_docker_peers_not_run_here(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Any) -> None:
+    """A hung engine (a `docker run` that times out) is said once: the next Docker peer of the process is
+    skipped at once with the reason, not left to wait out its own 60 s timeout."""
+    import requests
+
+    from fixtures import images, plugin
+    from fixtures.launchers import docker as docker_launcher
+    from fixtures.peerspec import PeerSpec
+
+    class HungContainers:
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            raise requests.exceptions.ReadTimeout("UnixHTTPConnectionPool: Read timed out. (read timeout=60)")
+
+    class HungEngine:
+        containers = HungContainers()
+
+    monkeypatch.setattr(images, "_DOCKER_STATUS", (True, ""))
+    monkeypatch.setattr(docker_launcher, "docker_client", lambda: HungEngine())
+    monkeypatch.setattr(docker_launcher, "image_for", lambda spec: ("nbd-harness/peers:none", {}))
+    monkeypatch.setattr(docker_launcher, "current_run",
+                        lambda: type("R", (), {"labels": lambda self: {}, "run_id": "r-test"})())
+    spec = PeerSpec(id="qemu-io-7.2@bookworm", implementation="qemu-io", role="client", version="7.2",
+                    launcher="docker", suite="bookworm")
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        docker_launcher.DockerClientRunner(spec, mounts=(tmp_path,))
+    ok, why = images.docker_available()
+    assert not ok and "stopped answering" in why and "Read timed out" in why
+    assert "stopped answering" in (plugin.skip_reason(None, spec) or "")   # type: ignore[arg-type]
+
+
+def test_a_docker_rm_that_never_returns_marks_the_engine_and_does_not_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's `docker rm -f` against a hung engine: said, marked, and the run goes on (it used to
+    raise TimeoutExpired into every test's set-up)."""
+    import subprocess
+
+    from fixtures import images, runs
+
+    def hung(argv: list[str], **kwargs: Any) -> Any:
+        raise subprocess.TimeoutExpired(argv, kwargs.get("timeout", 0))
+
+    monkeypatch.setattr(images, "_DOCKER_STATUS", (True, ""))
+    monkeypatch.setattr(runs.subprocess, "run", hung)
+    runs.remove_containers(["a" * 64, "b" * 64])
+    ok, why = images.docker_available()
+    assert not ok and "docker rm -f of 2 container(s) did not return within 32 s" in why

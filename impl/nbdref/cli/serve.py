@@ -1,7 +1,9 @@
 """``python -m nbdref serve``: the reference server from the command line (like qemu-nbd / nbdkit).
 
 Prints the URI it serves on stdout (one line, flushed) once it accepts connections, so scripts and
-fixtures can wait for that line.  SIGTERM / SIGINT stop it cleanly.
+fixtures can wait for that line.  SIGTERM shuts it down gracefully (``Server.shutdown``: options get
+NBD_REP_ERR_SHUTDOWN, requests in flight finish, later ones get NBD_ESHUTDOWN, for up to
+``--shutdown-grace`` seconds); SIGINT, or a second SIGTERM, stops it at once.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_REQUESTS_IN_FLIGHT,
         DEFAULT_MAX_THREADS,
+        DEFAULT_SHUTDOWN_GRACE,
     )
 
     caps = p.add_argument_group("limits (connections over a cap are closed at once)")
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--max-requests-in-flight", type=int, default=DEFAULT_MAX_REQUESTS_IN_FLIGHT, metavar="N",
                       help="requests of one connection read and not yet answered; it reads no more "
                            "until replies go out (default %(default)s)")
+    how.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+                     help="on SIGTERM, how long connections get to finish (default %(default)s)")
     how.add_argument("--pid-file", metavar="PATH")
     how.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -164,9 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"nbdref serve: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
+    signals: list[int] = []
+    woken = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        woken.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     server.start()
     if args.pid_file:
         with open(args.pid_file + ".tmp", "w") as f:
@@ -175,9 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.socket_activation:  # the activating process knows the address; keep its stdout clean
         print(server.uri, flush=True)
     try:
-        while not stop.wait(0.5):
-            pass
+        while not server.stopped:
+            woken.wait(0.5)
+            woken.clear()
+            if signal.SIGINT in signals or signals.count(signal.SIGTERM) > 1:
+                break
+            if signals and not server.shutting_down:
+                server.shutdown(args.shutdown_grace)  # returns at once; stop() follows within the grace
     finally:
+        # `stopped` is set as stop() begins (the shutdown thread's own, at the end of the grace): this
+        # stop() waits for that one to finish (bounded by its timeout), so main does not exit mid-stop().
         server.stop()
         if args.pid_file:
             try:

@@ -34,14 +34,15 @@ DEFAULT_MAX_BUFFER = 512 << 20  # bytes read from clients and not yet answered, 
 DEFAULT_MAX_CONNECTION_BUFFER = 128 << 20  # the same for one connection (4 WRITEs of 2^25 in flight)
 DEFAULT_MAX_REQUESTS_IN_FLIGHT = 256  # requests read and not yet answered, per connection
 _REFUSAL_LOG_INTERVAL = 5.0
+DEFAULT_SHUTDOWN_GRACE = 5.0  # seconds shutdown() gives connections to finish before stop() hangs up
 
 
 class Server:
     """The reference NBD server.
 
     ``Server(exports=[Export.memory("exp", 1 << 20)], unix=path)``; ``start()`` serves from a background
-    thread (for fixtures), ``serve_forever()`` from the caller's; ``stop()`` ends everything.  Every
-    connection leaves a ``ConnectionRecord`` in ``records`` (violations, transcript, reason), complete once
+    thread (for fixtures), ``serve_forever()`` from the caller's; ``stop()`` ends everything
+    (``shutdown(grace)`` gracefully).  Every connection leaves a ``ConnectionRecord`` in ``records`` (violations, transcript, reason), complete once
     its ``ended`` event is set: ``wait_closed()`` waits for all of them.
 
     Caps: at most ``max_connections`` connections and ``max_threads`` threads (each connection's own,
@@ -118,6 +119,9 @@ class Server:
         self.max_records = max_records  # None: keep every record (tests); the CLI keeps the last few
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
+        self._draining = False  # shutdown() began: no new connections, sessions wind down
+        self._drainer: threading.Thread | None = None
+        self._listeners_closed = False
         self._threads: list[threading.Thread] = []
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
@@ -163,8 +167,13 @@ class Server:
 
     def serving(self) -> bool:
         """Started, not stopped, and every listener still accepting."""
-        return (not self._stopping.is_set() and bool(self._accept_threads)
+        return (not self._stopping.is_set() and not self._draining and bool(self._accept_threads)
                 and all(t.is_alive() for t in self._accept_threads))
+
+    @property
+    def shutting_down(self) -> bool:
+        """shutdown() was called (the server may still be finishing its connections)."""
+        return self._draining
 
     def serve_forever(self) -> None:
         self.start()
@@ -174,15 +183,58 @@ class Server:
         finally:
             self.stop()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Close the listeners, hang up on every client, wait for every connection thread."""
-        self._stopping.set()
+    def shutdown(self, grace: float = DEFAULT_SHUTDOWN_GRACE, *, wait: bool = False) -> None:
+        """Shut down gracefully: stop accepting at once; a connection in option haggling answers every
+        further option but NBD_OPT_ABORT with NBD_REP_ERR_SHUTDOWN (DISC-013); one in transmission
+        answers the requests in flight (DISC-018), later ones with NBD_ESHUTDOWN (DISC-020), and closes
+        (TLS first) once nothing is in flight.  After ``grace`` seconds stop() hangs up on what is left.
+        Returns at once (``wait``: once stopped); a second call changes nothing."""
+        with self._lock:
+            first, self._draining = not self._draining, True
+            sessions = list(self._sessions.values())
+        if first:
+            self._close_listeners()
+            for s in sessions:
+                s.begin_shutdown()
+            log.info("shutting down: %d connection(s) get up to %g s to finish", len(sessions), grace)
+            drainer = threading.Thread(target=self._drain, args=(grace,), name="nbdref-shutdown", daemon=True)
+            drainer.start()
+            self._drainer = drainer  # only once started: stop() may join it from another thread
+        if wait:
+            self._join_drainer(None)
+
+    def _drain(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            with self._lock:
+                if not self._sessions:
+                    break
+            self._stopping.wait(0.01)
+        self.stop()
+
+    def _close_listeners(self) -> None:
+        with self._lock:
+            if self._listeners_closed:
+                return
+            self._listeners_closed = True
         for lsock in self._listeners:
             try:
                 lsock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
             except OSError:
                 pass
             lsock.close()
+
+    def _join_drainer(self, timeout: float | None) -> None:
+        """Wait for the shutdown thread (it ends in stop()), unless this is that thread."""
+        drainer = self._drainer
+        if drainer is not None and drainer is not threading.current_thread():
+            drainer.join(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listeners, hang up on every client, wait for every connection thread, and for a
+        graceful shutdown's thread (so a caller that returns has a stopped server, not one mid-stop())."""
+        self._stopping.set()
+        self._close_listeners()
         with self._lock:
             sessions = list(self._sessions.values())
         for s in sessions:
@@ -191,6 +243,7 @@ class Server:
             self.buffer_budget.cond.notify_all()  # readers waiting for the budget see _stopping
         for t in self._accept_threads + list(self._threads):
             t.join(timeout)
+        self._join_drainer(timeout)
         if self._unix_path and os.path.exists(self._unix_path):
             try:
                 os.unlink(self._unix_path)
@@ -223,14 +276,17 @@ class Server:
     # ------------------------------------------------------------------ connections
 
     def _accept_loop(self, lsock: socket.socket) -> None:
-        lsock.settimeout(0.5)
+        try:
+            lsock.settimeout(0.5)
+        except OSError:  # closed already: stop() or shutdown() right after start()
+            return
         while not self._stopping.is_set():
             try:
                 sock, _ = lsock.accept()
             except TimeoutError:
                 continue
             except OSError:
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._draining:
                     return
                 log.exception("accept failed")
                 self._stopping.wait(0.1)  # e.g. EMFILE: back off instead of spinning
@@ -321,6 +377,8 @@ class Server:
                 for r in ended[: len(self.records) - self.max_records]:
                     self.records.remove(r)
             self._sessions[cid] = session
+            if self._draining:  # accepted as shutdown() began: it winds down with the others
+                session.begin_shutdown()
         log.info("connection %d from %s", cid, peer)
         if wait:
             self._run(session)

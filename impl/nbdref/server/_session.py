@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import events as ev
-from .._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, Cmd, HandshakeFlag, Magic, Opt
+from .._constants import DEFAULT_MAX_PAYLOAD, ClientFlag, Cmd, Err, HandshakeFlag, Magic, Opt, Rep
 from .._errors import ProtocolError, RemoteProtocolError
 from .._strict import Strictness
 from .._transcript import Transcript
@@ -115,6 +115,32 @@ class Session:
         self._count_lock = threading.Lock()
         self.in_flight = 0
         self.in_flight_peak = 0
+        # Server.shutdown (begin_shutdown): options get NBD_REP_ERR_SHUTDOWN, requests NBD_ESHUTDOWN, and
+        # the connection closes once nothing is in flight.  A plain attribute: one check per request.
+        self.closing = False
+        self._in_recv = False  # the reader is (about to be) blocked reading: set per read, not per request
+
+    def begin_shutdown(self) -> None:
+        """The server is shutting down gracefully: "SHOULD error further options received (other than an
+        NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN" (DISC-013); in transmission, finish what is in flight
+        (DISC-018), answer later requests with NBD_ESHUTDOWN (DISC-020), then close, TLS first."""
+        self.closing = True
+        if not self._in_handshake:
+            self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
+        """Closing, and idle: the reader waits for bytes between messages and holds the only slot in use
+        (no request unanswered).  Then end its wait: it reads EOF and the session closes.  Never earlier:
+        a request that arrives meanwhile must still be read and answered (NBD_ESHUTDOWN)."""
+        if not self._in_recv:
+            return  # the reader checks again before its next read
+        with self._count_lock:
+            idle = self.in_flight <= 1
+        if idle:
+            with self._core_lock:
+                idle = not self.conn.receiving
+        if idle and not self.t.readable():  # what the client sent already is read and answered first
+            self.t.shutdown_read()
 
     # ------------------------------------------------------------------ entry point
 
@@ -152,6 +178,8 @@ class Session:
             r.violations = list(getattr(self.conn, "violations", []))
             r.checked = set(getattr(self.conn, "checked", ()))
             r.transcript = getattr(self.conn, "transcript", None)
+            if self.closing:
+                self.t.discard_input()  # no TCP reset over replies the client has not read yet
             try:
                 self.t.close()
             except OSError:
@@ -212,6 +240,12 @@ class Session:
                     buf = buf[:got]
             try:
                 n = self.t.recv_into(buf)
+                # Any EOF while closing is taken for our own shutdown_read: a client that hard-disconnects
+                # during the grace is then not judged (DISC-024 / DISC-016).  Acceptable: the two EOFs look
+                # alike on the socket, and charging our own wake-up to a correct client would be worse; a
+                # client's disconnect is judged on every connection that is not being shut down.
+                if not n and self.closing and not self._in_handshake:  # our own shutdown_read
+                    raise Disconnect("server shut down: nothing left in flight")
                 with self._core_lock:
                     if n:
                         self.conn.buffer_updated(n)
@@ -225,6 +259,8 @@ class Session:
             return n
         data = bytearray(_RECV_SIZE)
         n = self.t.recv_into(memoryview(data))
+        if not n and self.closing and not self._in_handshake:  # likewise: a client's EOF here is not judged
+            raise Disconnect("server shut down: nothing left in flight")
         with self._core_lock:
             self.conn.receive_data(bytes(data[:n]))
         return n
@@ -247,6 +283,9 @@ class Session:
                 if timeout <= 0:
                     raise Disconnect(f"handshake not finished within {self.handshake_timeout} s")
                 timeout = min(timeout, self.io_timeout)
+            self._in_recv = True
+            if self.closing and not self._in_handshake:
+                self._wake_if_idle()  # (begin_shutdown may have found the reader busy)
             try:
                 self._recv(timeout)
             except TimeoutError:
@@ -261,6 +300,8 @@ class Session:
                 if time.monotonic() < deadline:
                     continue
                 raise Disconnect(f"handshake not finished within {self.handshake_timeout} s") from None
+            finally:
+                self._in_recv = False
 
     def _next_message(self, deadline: float | None, eof_reason: str) -> ev.Event:
         """The next message from the client: StartTLS (the core's pause marker) is skipped, and EOF
@@ -284,10 +325,15 @@ class Session:
                 iov = [edit(b"".join(bytes(b) for b in iov))]
             self._write(iov)
 
-    def _send_raw(self, data: bytes) -> None:
+    def _send_raw(self, data: bytes, *, answers: int | None = None) -> None:
+        """Send bytes the core did not build.  ``answers``: the cookie they reply to, marked answered in
+        the core before the bytes leave: once they are out the client may go on at once (NBD_CMD_DISC),
+        and the reader must not see that request still in flight (a false DISC-023)."""
         with self._write_lock:
             with self._core_lock:
                 out = self.conn.send_raw(data)
+                if answers is not None:
+                    self.conn.answered_raw(answers)   # that was its reply, however broken
             self._write([out if out is not None else data])
 
     def _fault_applied(self) -> None:
@@ -390,6 +436,9 @@ class Session:
             if not self.nego.fixed_newstyle and e.option != 1:
                 # Without fixed newstyle the server cannot reply to other options: it can only hang up.
                 raise Disconnect(f"option {e.option} without fixed newstyle")
+            if self.closing and e.option != Opt.ABORT:
+                self._refuse_option_shutdown(e)
+                continue
             outcome = self._option_fault(e) or self.nego.handle(e)
             if self.fault and self.fault.transmission_flags:
                 outcome.replies = [self._with_tx_flags(r) for r in outcome.replies]
@@ -398,7 +447,10 @@ class Session:
             if self.fault and self.fault.context_ids:
                 outcome.replies = self._context_id_fault(e.option, outcome.replies)
             if outcome.replies:
-                mangle = self.fault is not None and self.fault.option_reply_magic is not None
+                # The ACK to STARTTLS is spared: over TLS the wrong magic then hits the haggling inside
+                # TLS (the client's hard disconnect there is judged by DISC-002), not the plaintext part.
+                mangle = (self.fault is not None and self.fault.option_reply_magic is not None
+                          and e.option != Opt.STARTTLS)
                 if mangle:
                     self._fault_applied()
                 self._send(outcome.replies, self._mangle_option_replies if mangle else None)
@@ -411,6 +463,13 @@ class Session:
             if outcome.go is not None:
                 self._in_handshake = False
                 return outcome.go
+
+    def _refuse_option_shutdown(self, opt: ev.Option) -> None:
+        """An option while the server shuts down: NBD_REP_ERR_SHUTDOWN (DISC-013); NBD_OPT_EXPORT_NAME
+        has no error reply, so that client is hung up on."""
+        if opt.option == Opt.EXPORT_NAME:
+            raise Disconnect("server shutting down: NBD_OPT_EXPORT_NAME cannot be refused")
+        self._send([ev.RepError(option=opt.option, reply_type=Rep.ERR_SHUTDOWN, message="server shutting down")])
 
     def _option_fault(self, opt: ev.Option) -> Outcome | None:
         """Fault ``option_error``: the first option (not STARTTLS, ABORT or EXPORT_NAME, which has no
@@ -514,12 +573,25 @@ class Session:
             trailing = bytes(getattr(self.conn, "trailing_data", b"") or b"")
         # A correct client sends nothing between STARTTLS and the ACK (the core records the breach);
         # whatever came early is handed to TLS rather than dropped.
-        self.t = TLSTransport(self.t, self.tls_context, timeout=self.tls_handshake_timeout, initial=trailing)
+        self.t = TLSTransport(self.t, self.tls_context, timeout=self.tls_handshake_timeout, initial=trailing,
+                              on_first=self._tls_first_bytes, on_eof=self._tls_eof)
         with self._core_lock:
             self.conn.tls_established()
         self.nego.tls_started()
         self.record.tls = True
         self.record.tls_version = self.t.version  # type: ignore[attr-defined]
+
+    def _tls_first_bytes(self, data: bytes) -> None:
+        """The client's first bytes after the STARTTLS ACK, for the core's TLS-014 check."""
+        with self._core_lock:
+            self.conn.tls_first_bytes(data)
+
+    def _tls_eof(self, close_notify: bool) -> None:
+        """How the client's TLS session ended (DISC-002 / DISC-016); not when our own stop made the EOF
+        (nor our shutdown_read of a graceful shutdown: ``closing``)."""
+        if not self.stopping.is_set() and not self.closing:
+            with self._core_lock:
+                self.conn.peer_tls_eof(close_notify)
 
     # ------------------------------------------------------------------ transmission
 
@@ -544,6 +616,9 @@ class Session:
                         pool.shutdown(wait=True)
                     raise Disconnect("client sent NBD_CMD_DISC")
                 held = self._hold(e)
+                if self.closing:
+                    self._refuse_shutdown(executor, e, held)
+                    continue
                 inline = inline_reads and e.command == Cmd.READ and not self.fault
                 if self.workers > 0 and pool is None and not inline:
                     taken, pool = self._worker_pool()
@@ -576,6 +651,19 @@ class Session:
         with self._count_lock:
             self.in_flight -= 1
         self._slots.release()
+        if self.closing:  # after the decrement: begin_shutdown reads the count under the same lock
+            self._wake_if_idle()
+
+    def _refuse_shutdown(self, executor: Executor, req: ev.Request, held: int) -> None:
+        """A request read while the server shuts down: "The error value issued in respect of ... any
+        subsequently received requests SHOULD be NBD_ESHUTDOWN" (DISC-020); answered on the reader."""
+        try:
+            self._send(executor.error_reply(req, Err.ESHUTDOWN, "server shutting down"))
+            self.record.timeline.append((time.monotonic_ns(), "S", req.command, req.cookie))
+        finally:
+            if held:
+                self.account.done(held)  # type: ignore[union-attr]
+            self._give_slot()
 
     def _worker_pool(self) -> tuple[int, ThreadPoolExecutor | None]:
         """Up to ``workers`` threads of what the server's thread budget has left (none: answer inline).
@@ -656,7 +744,5 @@ class Session:
         raw = f.reply_bytes(ctx)
         if raw is None:
             return False
-        self._send_raw(raw)  # the core's send_raw marks the local breach
-        with self._core_lock:
-            self.conn.answered_raw(req.cookie)   # that was its reply, however broken
+        self._send_raw(raw, answers=req.cookie)  # the core's send_raw marks the local breach
         return True

@@ -13,7 +13,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .._sockio import sendmsg_all
 from ..tls import PskAuthError, require_psk
@@ -37,6 +37,18 @@ class Transport:
 
     def shutdown(self) -> None:
         """Wake a blocked reader and stop the peer (used by Server.stop and on errors)."""
+
+    def shutdown_read(self) -> None:
+        """Wake a blocked reader (it reads EOF) and leave writing open: a graceful server shutdown
+        still sends the replies in flight and TLS close_notify after it (DISC-018)."""
+
+    def readable(self) -> bool:
+        """Bytes (or EOF) are waiting to be read: a reader about to read them is not idle."""
+        return True
+
+    def discard_input(self) -> None:
+        """Drop what the client sent and we will not read, before close(): a TCP close with unread
+        data sends a reset, which can destroy replies the client has not read yet."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -62,19 +74,55 @@ class SocketTransport(Transport):
         except OSError:
             pass
 
+    def shutdown_read(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def readable(self) -> bool:
+        """Bytes (or an EOF / error) wait to be read.  poll, not select: select.select raises ValueError
+        for a descriptor above FD_SETSIZE (1024), which a busy server reaches."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # a closed socket (fileno -1): nothing to wait for, let the read see it
+            return True
+
+    def discard_input(self, limit: int = 64 << 20) -> None:
+        timeout = self.sock.gettimeout()
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(False)
+            while limit > 0:
+                n = len(self.sock.recv(1 << 16))
+                if not n:
+                    break
+                limit -= n
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(timeout)  # TLS still sends its close_notify after this
+
     def close(self) -> None:
         self.sock.close()
 
 
 class TLSTransport(Transport):
-    """TLS on top of a plain socket, after NBD_OPT_STARTTLS was acknowledged."""
+    """TLS on top of a plain socket, after NBD_OPT_STARTTLS was acknowledged.
+
+    ``on_first`` is told the first bytes the client sent after the ACK (the first read, before OpenSSL
+    sees them): TLS-014 wants a TLS record there, not plaintext NBD.  With ``initial`` (bytes the client
+    sent before it could have read the ACK) nothing is told: TLS-014 speaks of what follows the ACK, and
+    a read after such bytes may start mid-record.  ``on_eof`` is told,
+    once, how the client's TLS session ended: True after its close_notify, False at a bare EOF
+    (DISC-002 / DISC-016)."""
 
     tls = True
     close_notify = False  # the client shut TLS down (its close_notify arrived) before any EOF
 
     def __init__(self, raw: Transport, context: ssl.SSLContext, *, timeout: float,
-                 initial: bytes = b"") -> None:
+                 initial: bytes = b"", on_first: Callable[[bytes], None] | None = None,
+                 on_eof: Callable[[bool], None] | None = None) -> None:
         self.raw = raw
+        self._on_first = None if initial else on_first
+        self._on_eof = on_eof
         self._in = ssl.MemoryBIO()
         if initial:
             self._in.write(initial)
@@ -92,12 +140,25 @@ class TLSTransport(Transport):
             if data:
                 self.raw.send([data])
 
+    def _first(self, data: bytes | memoryview) -> None:
+        if self._on_first is not None:
+            tell, self._on_first = self._on_first, None
+            tell(bytes(data[:64]))
+
+    def _ended(self, close_notify: bool) -> None:
+        self.close_notify = close_notify
+        if self._on_eof is not None:
+            tell, self._on_eof = self._on_eof, None
+            tell(close_notify)
+
     def _fill(self) -> bool:
         buf = bytearray(65536)
         n = self.raw.recv_into(memoryview(buf))
         if not n:
             self._in.write_eof()
             return False
+        if self._on_first is not None:
+            self._first(memoryview(buf)[:n])
         self._in.write(memoryview(buf)[:n])
         return True
 
@@ -138,14 +199,18 @@ class TLSTransport(Transport):
                 if pending:
                     self._flush()
                 if not n and len(buf):
-                    self.close_notify = True  # read() gives 0 at the peer's close_notify (a bare EOF: _fill)
+                    self._ended(True)  # read() gives 0 at the peer's close_notify (a bare EOF: _fill)
                 return n
             except ssl.SSLWantReadError:
                 self._flush()
                 if not self._fill():
+                    self._ended(False)
                     return 0
             except ssl.SSLZeroReturnError:
-                self.close_notify = True
+                self._ended(True)
+                return 0
+            except ssl.SSLEOFError:
+                self._ended(False)  # EOF in violation of the protocol: no close_notify
                 return 0
 
     def send(self, iov: Sequence[Chunk]) -> int:
@@ -166,6 +231,17 @@ class TLSTransport(Transport):
 
     def shutdown(self) -> None:
         self.raw.shutdown()
+
+    def shutdown_read(self) -> None:
+        self.raw.shutdown_read()
+
+    def readable(self) -> bool:
+        with self._lock:
+            buffered = self._in.pending or self._obj.pending()
+        return bool(buffered) or self.raw.readable()
+
+    def discard_input(self) -> None:
+        self.raw.discard_input()
 
     def close(self) -> None:
         # proto.md: the server "MUST close down the TLS session (if one is running)" on NBD_CMD_DISC.
