@@ -25,7 +25,8 @@ SECTION = "Structured replies"
 # (SR-028); and "the server should keep the number of chunks per reply small" (SR-012).
 @pytest.mark.feature("NBD_OPT_STRUCTURED_REPLY")
 @pytest.mark.parametrize("structured", [
-    pytest.param(False, id="simple", marks=pytest.mark.req("SR-001", "SR-002", "SR-004", "SR-019", "RD-007")),
+    pytest.param(False, id="simple", marks=pytest.mark.req("SR-001", "SR-002", "SR-004", "SR-019", "RD-002",
+                                                            "RD-007")),
     pytest.param(True, id="structured", marks=pytest.mark.req(
         "SR-005", "SR-006", "SR-011", "SR-012", "SR-017", "SR-022", "SR-023", "SR-028", "SR-031", "SR-032",
         "SR-033", "RD-007"))])

@@ -52,15 +52,17 @@ def tls_server(request, server_peer, kind):
 # The core checks every option reply and transmission reply against the server's rules.
 # FORCEDTLS: STARTTLS "MUST" be answered with NBD_REP_ACK (TLS-011, TLS-053), the server is then ready
 # for the handshake (TLS-013), everything after it travels over TLS (TLS-014: the data read is right),
-# and no option inside TLS gets NBD_REP_ERR_TLS_REQD (TLS-020).
-@pytest.mark.req("TLS-011", "TLS-013", "TLS-014", "TLS-020", "TLS-053")
+# and no option inside TLS gets NBD_REP_ERR_TLS_REQD (TLS-020).  A server that does TLS follows
+# "implementations wanting maximum interoperability should support TLS" (INTEROP-014); a row without TLS
+# material is not-applicable here, so only the support of the servers configured for it is judged.
+@pytest.mark.req("TLS-011", "TLS-013", "TLS-014", "TLS-020", "TLS-053", "INTEROP-014")
 @pytest.mark.feature("NBD_OPT_STARTTLS")
 def test_tls_read(server_peer, kind, tls_server, ref_client, verdict):
     """A TLS client negotiates TLS and reads known bytes."""
     c = ref_client(tls_server)
     negotiated = c.get_tls_negotiated()
     verdict.timeline(tls_feature(kind), negotiated, export=tls_server.export)
-    verdict.expect(negotiated and acked(c, Opt.STARTTLS), "TLS-011", "TLS-053", "TLS-013",
+    verdict.expect(negotiated and acked(c, Opt.STARTTLS), "TLS-011", "TLS-053", "TLS-013", "INTEROP-014",
                    expected="NBD_REP_ACK to NBD_OPT_STARTTLS, then a TLS handshake", observed=f"TLS {negotiated}")
     assert negotiated, "connected without TLS to a FORCEDTLS server"
     assert c.get_size() == tls_server.export.size
