@@ -92,13 +92,16 @@ class _Reply:
 class Checker:
     """Mixin: rule checks and the conversion of breaches (attributes come from Connection)."""
 
-    def _check(self, ok: object, req_id: str, message: str, *, fatal: bool = False) -> bool:
+    def _check(self, ok: object, req_id: str, message: str, *, fatal: bool = False,
+               tolerated: bool = False) -> bool:
         """Enforce one catalogued rule on the message being processed; True when it holds.
 
         On our own message a breach raises LocalProtocolError (unless local checks are off); on the
         peer's it records a Violation, raised later if its level is fatal or ``fatal`` (the stream
-        cannot be parsed on).  A rule checked on the peer's message goes into ``checked`` (not when it
-        broke and its check is switched off: then nothing was judged).
+        cannot be parsed on).  ``tolerated``: recorded, never fatal, because a rule of ours says to go on
+        (an undefined handshake flag: "a client SHOULD ignore" it, HS-005).  A rule checked on the peer's
+        message goes into ``checked`` (not when it broke and its check is switched off: then nothing was
+        judged).
         """
         if ok:
             self._record(req_id)
@@ -130,6 +133,10 @@ class Checker:
                 # is not held against it.
                 self.local_breach = True
             self.transcript.note("!", "local", f"sent anyway: {v}")
+            return False
+        if tolerated:
+            self.violations.append(v)
+            self.transcript.note("!", "violation", f"{v} (ignored, as the spec asks)", len(v.data))
             return False
         self._found.append(v)
         if fatal:

@@ -56,8 +56,10 @@ class NegotiationRules(Checker):
 
     def _on_newstyle(self, e: ev.NewstyleGreeting) -> None:
         flags = int(e.flags)  # plain int: ~ of an IntFlag would drop the undefined bits we look for
-        # "bits 2-15 ... MUST NOT be set" (HS-010)
-        self._check(not flags & ~_HANDSHAKE_FLAGS & 0xFFFF, "HS-010", f"undefined handshake flags {flags:#06x}")
+        # "bits 2-15 ... MUST NOT be set" (HS-010); the client "SHOULD ignore" flags it does not know
+        # (HS-005): recorded, and negotiation goes on
+        self._check(not flags & ~_HANDSHAKE_FLAGS & 0xFFFF, "HS-010", f"undefined handshake flags {flags:#06x}",
+                    tolerated=True)
         self.handshake_flags = flags
 
     def _on_oldstyle(self, e: ev.OldstyleGreeting) -> None:

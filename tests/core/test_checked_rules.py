@@ -115,3 +115,15 @@ def test_a_close_after_disc_holds_the_disconnect_rules():
     assert {"DISC-024", "DISC-025"} <= p.client.checked and not p.client.violations
     ConnectionPair.deliver(p.server, b"")            # and the client after its DISC
     assert "DISC-024" in p.server.checked and not p.server.violations
+
+
+def test_an_undefined_handshake_flag_is_recorded_and_the_strict_client_goes_on():
+    """HS-010 (the server MUST NOT set it) is broken and recorded; "a client SHOULD ignore handshake flags
+    it does not recognise" (HS-005), so even the strict default client does not hang up on it."""
+    p = ConnectionPair()                                      # the client at its default (strict) strictness
+    send_lenient(p, p.server, ev.NewstyleGreeting(flags=FIXED | 0x8000))
+    assert ids(p.client) == ["HS-010"] and "HS-010" in p.client.checked
+    p.send(p.client, ev.ClientFlags(flags=ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+    p.send(p.client, ev.OptList())
+    p.send(p.server, ev.RepAck(option=Opt.LIST))
+    assert ids(p.client) == ["HS-010"]

@@ -504,6 +504,11 @@ def _illegal(p, target, step) -> tuple[list[str], BaseException | None]:
     return [v.req_id for v in receiver.violations[before:]], raised
 
 
+# Breaches the receiver records and goes on from, because a rule of its own says so: an undefined
+# handshake flag (HS-010) is one "a client SHOULD ignore" (HS-005).
+TOLERATED = frozenset({"HS-010"})
+
+
 @pytest.mark.parametrize("req_id", sorted(CASES))
 def test_peer_violation_is_reported(req_id):
     p = ConnectionPair(client=LOOSE, server=LOOSE)
@@ -513,12 +518,14 @@ def test_peer_violation_is_reported(req_id):
     v = next(v for v in (p.client.violations + p.server.violations) if v.req_id == req_id)
     entry = requirements.get(req_id)
     assert (v.level, v.binds) == (entry.level, entry.binds)
-    if v.level in ("MUST", "MUST NOT") and step != b"":
+    if v.level in ("MUST", "MUST NOT") and step != b"" and req_id not in TOLERATED:
         # Fatal by default: the receiving side raised and is now in ERROR.
         assert raised is not None
         assert raised.violation is not None
         receiver = target if isinstance(step, bytes | bytearray) else p.other(target)
         assert receiver.state is State.ERROR
+    elif req_id in TOLERATED:
+        assert raised is None
 
 
 def _sendable_must_cases() -> list[str]:
