@@ -310,6 +310,18 @@ def runner_for(request: Any, kind: str) -> Any:
     return None if kind == "nbdref" else request.getfixturevalue("client_runner")
 
 
+def read_once(request: Any, kind: str, workdir: Path, verdict: Any, evidence: Any, name: str, offset: int,
+              length: int, **server: Any) -> tuple[StepResult, list[Any]]:
+    """One read by the client under test from a reference server of its own (``server``: own_server's
+    settings), its connections watched: (the read's result, what the server recorded)."""
+    runner = runner_for(request, kind)
+    with own_server(workdir, name, **server) as own:
+        watch_all(verdict, evidence, [own])
+        res = run_steps(runner, [read_step(kind, "read", own.uri(), offset, length)])["read"]
+        records = own.records()
+    return res, records
+
+
 def watch_all(verdict: Any, evidence: Any, owns: Sequence[Own]) -> None:
     """Judge every connection each server recorded (its core's violations), transcripts as evidence."""
     for own in owns:

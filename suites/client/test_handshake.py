@@ -20,13 +20,9 @@ from suites.client._own import (
     client_events,
     describe,
     options_sent,
-    own_server,
     parse_read,
     pattern,
-    read_step,
-    run_steps,
-    runner_for,
-    watch_all,
+    read_once,
 )
 
 SECTION = "Handshake"
@@ -81,11 +77,7 @@ def test_fixed_newstyle_and_go(request: Any, client_peer: Any, kind: str, peer_w
                                evidence: Any) -> None:
     """Against the whole spec the client sets FIXED_NEWSTYLE, ends haggling with NBD_OPT_GO (asking
     for NBD_INFO_BLOCK_SIZE) and reads the right bytes."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "full") as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "full", OFFSET, LENGTH)
     _read_ok(verdict, kind, res, "full spec")
     assert records, "the client never connected"
     for r in records:
@@ -125,11 +117,7 @@ def test_fixed_newstyle_and_go(request: Any, client_peer: Any, kind: str, peer_w
 def test_no_zeroes_not_offered(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                                evidence: Any) -> None:
     """Without the server's NO_ZEROES the client does not set C_NO_ZEROES and still reads."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "nozero", mask_handshake=0xFFFF & ~HandshakeFlag.NO_ZEROES) as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "nozero", OFFSET, LENGTH, mask_handshake=0xFFFF & ~HandshakeFlag.NO_ZEROES)
     _read_ok(verdict, kind, res, "server without NBD_FLAG_NO_ZEROES")
     flags = [_client_flags(r) for r in records]
     verdict.info(f"client flags without the server's NO_ZEROES: {flags}")
@@ -142,11 +130,7 @@ def test_no_zeroes_not_offered(request: Any, client_peer: Any, kind: str, peer_w
 def test_unknown_handshake_flag_ignored(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                                         evidence: Any) -> None:
     """An undefined handshake flag bit does not stop the client."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "hsflag", fault="unknown-handshake-flag") as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "hsflag", OFFSET, LENGTH, fault="unknown-handshake-flag")
     got = parse_read(kind, res.out) if res.ok else None
     # HS-005 alone: the server broke HS-010 ("MUST NOT set any other flags") on purpose, so a client
     # that hangs up breaks only the SHOULD (non-strict), whatever else it then cannot do.
@@ -162,11 +146,7 @@ def test_unknown_handshake_flag_ignored(request: Any, client_peer: Any, kind: st
 def test_export_name_fallback(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                               evidence: Any) -> None:
     """NBD_OPT_GO refused as unsupported: the client retries with NBD_OPT_EXPORT_NAME and reads."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "nogo", persona="qemu-2.6") as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "nogo", OFFSET, LENGTH, persona="qemu-2.6")
     got = parse_read(kind, res.out) if res.ok else None
     data = [r for r in records if r.requests]
     used = [Opt.EXPORT_NAME in options_sent(r) for r in data]

@@ -25,6 +25,7 @@ from suites.client._own import (
     own_server,
     parse_read,
     pattern,
+    read_once,
     read_step,
     requests_sent,
     run_steps,
@@ -153,11 +154,7 @@ def test_list_then_abort(request: Any, client_peer: Any, kind: str, peer_workdir
 def test_err_shutdown_means_abort(request: Any, client_peer: Any, kind: str, peer_workdir: Any, verdict: Any,
                                   evidence: Any) -> None:
     """NBD_REP_ERR_SHUTDOWN to the first option: the client sends NBD_OPT_ABORT and nothing else."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "errshut", fault="option-err-shutdown") as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "errshut", OFFSET, LENGTH, fault="option-err-shutdown")
     for r in records:
         opts = options_sent(r)
         if not opts or opts[0] in (Opt.STARTTLS, Opt.EXPORT_NAME):
@@ -173,11 +170,7 @@ def test_err_shutdown_means_abort(request: Any, client_peer: Any, kind: str, pee
 def test_unknown_transmission_flag_ignored(request: Any, client_peer: Any, kind: str, peer_workdir: Any,
                                            verdict: Any, evidence: Any) -> None:
     """An undefined transmission flag bit: the client reads as usual."""
-    runner = runner_for(request, kind)
-    with own_server(peer_workdir, "txflag", fault="unknown-transmission-flag") as own:
-        watch_all(verdict, evidence, [own])
-        res = run_steps(runner, [read_step(kind, "read", own.uri(), OFFSET, LENGTH)])["read"]
-        records = own.records()
+    res, records = read_once(request, kind, peer_workdir, verdict, evidence, "txflag", OFFSET, LENGTH, fault="unknown-transmission-flag")
     got = parse_read(kind, res.out) if res.ok else None
     verdict.expect(got == pattern(OFFSET, LENGTH), "CMD-013", expected="transmission flag bit 15 ignored, the read "
                    "works", observed=f"exit {res.rc}: {res.out[-200:]!r}; {describe(records)}")

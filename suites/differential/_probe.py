@@ -31,6 +31,8 @@ from nbdref.connection import NEED_DATA, ClientConnection
 
 from fixtures.exports import expected_bytes
 from fixtures.timeouts import SILENCE
+from suites.server._haggle import connect as plain_socket
+from suites.server._haggle import recv_exact
 
 # Our own breaches are sent, the server's are recorded (and judged by the watch at the end of the test).
 LENIENT = Strictness.lenient()
@@ -237,13 +239,7 @@ class Raw:
     """A fixed-newstyle client on the sans-I/O core that sends whatever client flags it is told."""
 
     def __init__(self, server: Any, timeout: float = 10.0) -> None:
-        if server.transport == "unix":
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(str(server.socket))
-        else:
-            self.sock = socket.create_connection((server.host or "127.0.0.1", int(server.port or 0)),
-                                                 timeout=timeout)
+        self.sock = plain_socket(server, timeout)
         self.timeout = timeout
         self.conn = ClientConnection(strictness=LENIENT)
         self.greeting = self.next()
@@ -366,10 +362,7 @@ def raw_reaction(c: Any, data: bytes, timeout: float = FOLLOW_UP_TIMEOUT) -> str
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     """n bytes, or None at EOF."""
-    out = b""
-    while len(out) < n:
-        piece = sock.recv(n - len(out))
-        if not piece:
-            return None
-        out += piece
-    return out
+    try:
+        return recv_exact(sock, n)
+    except EOFError:
+        return None

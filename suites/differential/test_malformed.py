@@ -44,17 +44,23 @@ def _record(verdict, answer: str) -> None:
     verdict.info(answer, requirements=("DISC-017",), only=True)
 
 
+def _header_reaction(ref_client, server, export, verdict, header: bytes) -> None:
+    """Send a request header the server should not take, record its reaction (and, when it did not
+    hang up, what a READ after it gets), then check that the server still serves a new client."""
+    c = connect(ref_client, server)
+    answer = raw_reaction(c, header)
+    if answer != HARD:
+        answer += follow_up(c, export)
+    _record(verdict, answer)
+    still_serves(ref_client, server, export)
+
+
 @pytest.mark.req("DISC-017")
 @pytest.mark.parametrize("magic", list(MAGICS))
 def test_bad_request_magic(server_peer, shared_server, shared_export, ref_client, verdict, magic):
     """How does a server react to a 28-byte READ header whose magic is not NBD_REQUEST_MAGIC?"""
-    c = connect(ref_client, shared_server)
-    header = w.REQUEST.pack(MAGICS[magic], 0, Cmd.READ, 0x4E4244, 0, SECTOR)
-    answer = raw_reaction(c, header)
-    if answer != HARD:
-        answer += follow_up(c, shared_export)
-    _record(verdict, answer)
-    still_serves(ref_client, shared_server, shared_export)
+    _header_reaction(ref_client, shared_server, shared_export, verdict,
+                     w.REQUEST.pack(MAGICS[magic], 0, Cmd.READ, 0x4E4244, 0, SECTOR))
 
 
 # The extended request header (32 bytes, magic 0x21e41c71) is only valid once NBD_OPT_EXTENDED_HEADERS
@@ -62,13 +68,8 @@ def test_bad_request_magic(server_peer, shared_server, shared_export, ref_client
 @pytest.mark.req("DISC-017")
 def test_extended_request_unnegotiated(server_peer, shared_server, shared_export, ref_client, verdict):
     """How does a server react to an extended (32-byte) request header it never agreed to?"""
-    c = connect(ref_client, shared_server)
-    header = w.EXTENDED_REQUEST.pack(Magic.EXTENDED_REQUEST, 0, Cmd.READ, 0x4E4244, 0, SECTOR)
-    answer = raw_reaction(c, header)
-    if answer != HARD:
-        answer += follow_up(c, shared_export)
-    _record(verdict, answer)
-    still_serves(ref_client, shared_server, shared_export)
+    _header_reaction(ref_client, shared_server, shared_export, verdict,
+                     w.EXTENDED_REQUEST.pack(Magic.EXTENDED_REQUEST, 0, Cmd.READ, 0x4E4244, 0, SECTOR))
 
 
 # "NBD_OPT_GO twice": once NBD_OPT_GO was acknowledged the session is in transmission, and "the client
