@@ -68,28 +68,30 @@ def test_zero_length_write(server_peer, writable_server, writable_export, region
     after(ref_client, writable_server, writable_export, answer)
 
 
+def _zero_length_flagged(ref_client, server, export, offset: int, verdict, cmd: Cmd, flag: TxFlag, rid: str) -> None:
+    """A length-0 request of a command the server gates behind `flag`: the answer recorded (said to be
+    unadvertised when it is), and no hard disconnect judged when the server advertised the command."""
+    c = connect(ref_client, server)
+    prefix = advertised(c, flag)
+    answer = prefix + ask(c, export, cmd, offset, 0)
+    record(verdict, answer, rid)
+    if not prefix:
+        should_not_disconnect(verdict, answer, rid)
+    after(ref_client, server, export, answer)
+
+
 @pytest.mark.req("TRIM-004")
 def test_zero_length_trim(server_peer, writable_server, writable_export, region, ref_client, verdict):
     """What does a server answer to an NBD_CMD_TRIM of length 0?"""
-    c = connect(ref_client, writable_server)
-    prefix = advertised(c, TxFlag.SEND_TRIM)
-    answer = prefix + ask(c, writable_export, Cmd.TRIM, region(), 0)
-    record(verdict, answer, "TRIM-004")
-    if not prefix:
-        should_not_disconnect(verdict, answer, "TRIM-004")
-    after(ref_client, writable_server, writable_export, answer)
+    _zero_length_flagged(ref_client, writable_server, writable_export, region(), verdict, Cmd.TRIM,
+                         TxFlag.SEND_TRIM, "TRIM-004")
 
 
 @pytest.mark.req("WZ-011")
 def test_zero_length_write_zeroes(server_peer, writable_server, writable_export, region, ref_client, verdict):
     """What does a server answer to an NBD_CMD_WRITE_ZEROES of length 0?"""
-    c = connect(ref_client, writable_server)
-    prefix = advertised(c, TxFlag.SEND_WRITE_ZEROES)
-    answer = prefix + ask(c, writable_export, Cmd.WRITE_ZEROES, region(), 0)
-    record(verdict, answer, "WZ-011")
-    if not prefix:
-        should_not_disconnect(verdict, answer, "WZ-011")
-    after(ref_client, writable_server, writable_export, answer)
+    _zero_length_flagged(ref_client, writable_server, writable_export, region(), verdict, Cmd.WRITE_ZEROES,
+                         TxFlag.SEND_WRITE_ZEROES, "WZ-011")
 
 
 @pytest.mark.req("BS-065")
