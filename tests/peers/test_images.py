@@ -218,7 +218,8 @@ def test_a_timed_out_engine_call_makes_later_docker_peers_not_run_here(monkeypat
     monkeypatch.setattr(docker_launcher, "docker_client", lambda: HungEngine())
     monkeypatch.setattr(docker_launcher, "image_for", lambda spec: ("nbd-harness/peers:none", {}))
     monkeypatch.setattr(docker_launcher, "current_run",
-                        lambda: type("R", (), {"labels": lambda self: {}, "run_id": "r-test"})())
+                        lambda: type("R", (), {"labels": lambda self: {}, "run_id": "r-test",
+                                                     "workdir": tmp_path})())
     spec = PeerSpec(id="qemu-io-7.2@bookworm", implementation="qemu-io", role="client", version="7.2",
                     launcher="docker", suite="bookworm")
     with pytest.raises(requests.exceptions.ReadTimeout):

@@ -176,3 +176,30 @@ def test_qemu_52_storage_daemon_psk_over_tcp() -> None:
                       tls=material) as s:
         assert s.transport == "tcp" and s.uri.startswith(f"nbds://{material.psk_identity}@127.0.0.1:")
         assert_serves(s, req)
+
+
+@pytest.mark.parametrize("suite", ["bullseye", "bookworm", "trixie", "sid"])
+def test_warm_client_commands_go_through_the_agent(suite: str) -> None:
+    """Every suite's python3 (3.9 on bullseye) runs the command agent, so a command costs no docker exec;
+    the command still runs in the container (its image's tools, its hostname)."""
+    spec = PeerSpec(id=f"qemu-io@{suite}", implementation="qemu-io", role="client", version="",
+                    launcher="docker", suite=suite)
+    with client_runner(spec, workdir=export_workdir(f"agent-{suite}")) as runner:
+        inner = runner._runner
+        assert inner.agent is not None, inner.agent_note
+        r = runner.run(["sh", "-c", "cat /etc/hostname; qemu-img --version"], timeout=20)
+        assert r.ok, r.stderr
+        hostname = inner._container.attrs["Config"]["Hostname"]
+        assert r.stdout.splitlines()[0] == hostname and "qemu-img version" in r.stdout
+
+
+def test_warm_client_falls_back_to_docker_exec_when_the_agent_dies() -> None:
+    spec = PeerSpec(id="nbdinfo@bookworm", implementation="nbdinfo", role="client", version="",
+                    launcher="docker", suite="bookworm")
+    with client_runner(spec, workdir=export_workdir("agent-gone")) as runner:
+        inner = runner._runner
+        assert inner.agent is not None, inner.agent_note
+        inner.agent.socket_path.unlink()           # the agent is unreachable from now on
+        r = runner.run(["nbdinfo", "--version"], timeout=20)
+        assert r.ok and "nbdinfo" in r.stdout, r.stderr
+        assert inner.agent is None and "docker exec" in inner.agent_note
