@@ -244,3 +244,33 @@ def test_a_docker_rm_that_never_returns_marks_the_engine_and_does_not_raise(monk
     runs.remove_containers(["a" * 64, "b" * 64])
     ok, why = images.docker_available()
     assert not ok and "docker rm -f of 2 container(s) did not return within 32 s" in why
+
+
+def test_missing_images_are_built_side_by_side_and_one_failure_is_said(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m fixtures.images` (./run setup) builds the suites at once; a suite that fails is named and
+    makes the exit code 1, and the others are still made."""
+    import threading
+    import time as _time
+
+    from fixtures import images
+
+    spans: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def fake(suite: str, **_: Any) -> Any:
+        t0 = _time.monotonic()
+        _time.sleep(0.4)
+        with lock:
+            spans[suite] = (t0, _time.monotonic())
+        if suite == "trixie":
+            raise images.ImageBuildError("debootstrap failed: E: no mirror")
+        return images.ImageInfo(tag=f"t:{suite}", suite=suite, versions={}, has={}, recipe_key="k")
+
+    monkeypatch.setattr(images, "ensure_image", fake)
+    rc = images.main(["bullseye", "bookworm", "trixie", "sid"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "trixie: the image could not be made: ImageBuildError: debootstrap failed" in err
+    assert [line.split(":")[0] for line in out.splitlines()] == ["bullseye", "bookworm", "sid"]
+    starts, ends = [a for a, _ in spans.values()], [b for _, b in spans.values()]
+    assert max(starts) < min(ends), f"the builds did not overlap: {spans}"
