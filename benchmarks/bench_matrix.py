@@ -26,11 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"warm": 5 * 60.0, "cold": 10 * 60.0}
-IMAGE_REPOSITORY = "nbd-harness/peers"
 
 
 def remove_images() -> int:
-    out = subprocess.run(["docker", "images", "-q", IMAGE_REPOSITORY], capture_output=True, text=True,
+    sys.path.insert(0, str(ROOT))
+    from fixtures.images import IMAGE_REPO
+    out = subprocess.run(["docker", "images", "-q", IMAGE_REPO], capture_output=True, text=True,
                          timeout=60).stdout.split()
     if out:
         subprocess.run(["docker", "rmi", "-f", *sorted(set(out))], capture_output=True, timeout=300)

@@ -94,15 +94,37 @@ def test_commands_run_side_by_side(agent: AgentClient) -> None:
     assert len(results) == 3 and time.monotonic() - t0 < 2.5, "one slow command must not hold the others"
 
 
-def test_a_bad_request_gets_an_error(agent: AgentClient) -> None:
+@pytest.mark.parametrize("request_line", [b'{"argv": ["true"]\n', b'{"argv": "true", "timeout": 5}\n'],
+                         ids=["not-json", "argv-a-string"])
+def test_a_bad_request_gets_an_error(agent: AgentClient, request_line: bytes) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(agent.socket_path))
-        s.sendall(b'{"argv": "not a list"\n')
+        s.sendall(request_line)
         answer = json.loads(s.makefile("rb").readline())
     assert "bad request" in answer["error"]
 
 
+def test_an_agent_lost_during_a_command_says_the_request_was_sent(tmp_path: Path) -> None:
+    """Connecting failed (sent False: the command can go elsewhere) versus lost after the request went out
+    (sent True: it may have run)."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen([sys.executable, "-c", AGENT_SOURCE, str(sock)])
+    client = AgentClient(sock)
+    deadline = time.monotonic() + 10
+    while not client.ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(AgentError) as lost:
+        client.run(["sh", "-c", f"kill -9 {proc.pid}; sleep 2"], 10)
+    assert lost.value.sent
+    proc.wait(5)
+    with pytest.raises(AgentError) as refused:
+        client.run(["true"], 5)
+    assert not refused.value.sent
+
+
 def test_an_agent_that_is_gone_is_an_agent_error(tmp_path: Path) -> None:
-    with pytest.raises(AgentError, match="agent at"):
+    with pytest.raises(AgentError, match="agent at") as gone:
         AgentClient(tmp_path / "none.sock").run(["true"], 5)
+    assert not gone.value.sent

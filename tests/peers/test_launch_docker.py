@@ -189,17 +189,48 @@ def test_warm_client_commands_go_through_the_agent(suite: str) -> None:
         assert inner.agent is not None, inner.agent_note
         r = runner.run(["sh", "-c", "cat /etc/hostname; qemu-img --version"], timeout=20)
         assert r.ok, r.stderr
+        assert inner.agent is not None, f"the command did not go through the agent: {inner.agent_note}"
         hostname = inner._container.attrs["Config"]["Hostname"]
         assert r.stdout.splitlines()[0] == hostname and "qemu-img version" in r.stdout
 
 
-def test_warm_client_falls_back_to_docker_exec_when_the_agent_dies() -> None:
+def test_a_lost_agent_fails_that_command_once_and_docker_exec_takes_over() -> None:
+    """The agent dies during a command: that command is a failure that says so (it may have run, so it is
+    not run again), the container lives on (`sleep infinity`), and later commands go through docker exec."""
     spec = PeerSpec(id="nbdinfo@bookworm", implementation="nbdinfo", role="client", version="",
                     launcher="docker", suite="bookworm")
     with client_runner(spec, workdir=export_workdir("agent-gone")) as runner:
         inner = runner._runner
         assert inner.agent is not None, inner.agent_note
-        inner.agent.socket_path.unlink()           # the agent is unreachable from now on
-        r = runner.run(["nbdinfo", "--version"], timeout=20)
-        assert r.ok and "nbdinfo" in r.stdout, r.stderr
+        # timeout -> sh: the agent is sh's grandparent
+        kill = 'echo ran >> /tmp/count; agent=$(cut -d" " -f4 /proc/$PPID/stat); kill -9 "$agent"; sleep 1'
+        lost = runner.run(["sh", "-c", kill], timeout=20)
+        assert not lost.ok and "agent was lost" in lost.stderr, lost
+        later = runner.run(["sh", "-c", "cat /tmp/count; nbdinfo --version"], timeout=20)
+        assert later.ok and later.stdout.splitlines()[0] == "ran" and "nbdinfo" in later.stdout, later
+        assert later.stdout.count("ran") == 1, "the lost command ran once, not again"
         assert inner.agent is None and "docker exec" in inner.agent_note
+
+
+def test_a_followed_log_is_current_and_its_end_says_the_container_exited(tmp_path: Path) -> None:
+    """LogFollower: what the container prints later reaches the log file without asking dockerd again, and
+    the stream ends (alive() false) when the container exits."""
+    from fixtures.images import ensure_image
+    from fixtures.launchers.docker import LogFollower, docker_client
+
+    image = ensure_image(SUITE).tag
+    container = docker_client().containers.run(image, ["sh", "-c", "echo one; sleep 1; echo two >&2; sleep 2"],
+                                               detach=True, network_mode="none", labels=current_run().labels())
+    try:
+        follower = LogFollower(container, tmp_path / "log")
+        assert follower.started
+        deadline = time.monotonic() + 10
+        while "two" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "log").read_text() == "one\ntwo\n" and follower.following()
+        deadline = time.monotonic() + 10
+        while follower.following() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not follower.following(), "the stream did not end with the container"
+    finally:
+        container.remove(force=True)
