@@ -51,6 +51,13 @@ time.sleep(120)
 """
 
 
+def ctrl_c_as_at_a_terminal() -> None:
+    """In a child about to get SIGINT: the default disposition, as a terminal's Ctrl-C finds it.  A run
+    started in the background (a CI runner's `cmd &`, nohup) inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt: the child would sleep through the signal these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launchers() -> list[str]:
     return ["local", "docker"] if docker_available()[0] else ["local"]
 
@@ -72,7 +79,8 @@ def spawn(script_dir: Path, *, join_run: str | None = None, mine_only: bool = Fa
         env[RUN_ENV] = join_run
     env["MINE_ONLY"] = "1" if mine_only else "0"
     proc = subprocess.Popen([sys.executable, str(script), str(ROOT), *(which or launchers())],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_as_at_a_terminal)
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     if not ready:
         proc.kill()
@@ -198,7 +206,8 @@ def test_ctrl_c_of_pytest_runs_session_cleanup(state: Path, tmp_path: Path) -> N
     env.update(HARNESS_ROOT=str(ROOT), LAUNCHERS=",".join(launchers()))
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--rootdir",
                              str(tmp_path), str(tmp_path / "test_child.py")], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ctrl_c_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 60
         info = None
