@@ -90,9 +90,9 @@ def main() -> int:
     for name, cpu in sorted(daemons1.items()):
         print(f"  {name}: {cpu - daemons0.get(name, 0.0):.0f} CPU s over the run")
     if acct is not None:
-        top = subprocess.run(["sa", "-a", "-c", "--separate-times", "--print-seconds", str(acct)],
+        top = subprocess.run(["sa", "-a", "--separate-times", str(acct)],
                              capture_output=True, text=True).stdout.splitlines()
-        print("  CPU by command (sa: calls, real, user, system):")
+        print("  CPU by command (sa: calls, real minutes, user and system CPU minutes):")
         for line in top[:15]:
             print("   ", line)
     if rc not in (0, 1):
