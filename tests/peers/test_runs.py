@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,11 +62,22 @@ def launchers() -> list[str]:
     return ["local", "docker"] if docker_available()[0] else ["local"]
 
 
+_CHILDREN: list[subprocess.Popen[str]] = []       # children of the running test (spawn, the pytest child)
+
+
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Isolate run dirs from other runs on this machine (containers are found by label anyway)."""
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Isolate run dirs from other runs on this machine (containers are found by label anyway).  At the end,
+    also when the test failed: its children are killed and the sweep removes what their runs left (a
+    child killed after a failed check used to leave its qemu-nbd running)."""
     monkeypatch.setenv("NBD_HARNESS_STATE", str(tmp_path / "state"))
-    return tmp_path / "state"
+    yield tmp_path / "state"
+    while _CHILDREN:
+        child = _CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    sweep_stale()
 
 
 def spawn(script_dir: Path, *, join_run: str | None = None, mine_only: bool = False,
@@ -81,6 +92,7 @@ def spawn(script_dir: Path, *, join_run: str | None = None, mine_only: bool = Fa
     proc = subprocess.Popen([sys.executable, str(script), str(ROOT), *(which or launchers())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=ctrl_c_as_at_a_terminal)
+    _CHILDREN.append(proc)
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     if not ready:
         proc.kill()
@@ -208,6 +220,7 @@ def test_ctrl_c_of_pytest_runs_session_cleanup(state: Path, tmp_path: Path) -> N
                              str(tmp_path), str(tmp_path / "test_child.py")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=ctrl_c_as_at_a_terminal)
+    _CHILDREN.append(proc)
     try:
         deadline = time.monotonic() + 60
         info = None
