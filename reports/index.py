@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fixtures.verdicts import PeerRef, Result, Verdict, dumps_document, gravest
+from fixtures.verdicts import PeerRef, Result, Verdict, gravest
 
 INDEX_SCHEMA = "nbd-harness/index/1"
 REQUIREMENTS_SCHEMA = "nbd-harness/requirements/1"
@@ -230,7 +230,7 @@ def build_requirements(results_path: str | Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps_document(data))
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)                          # a reader never sees half a file
 
 
