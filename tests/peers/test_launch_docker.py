@@ -3,7 +3,9 @@ crash, hang, warm client containers."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,6 +39,31 @@ def run_containers() -> set[str]:
                                          f"label={CREATOR_LABEL}={ProcId.me()}"])}
 
 
+def tcp_listen_ports(container_id: str) -> set[int]:
+    """The TCP ports the container's processes listen on.  Server containers share the host's network
+    (a namespace each cost more CPU than the rest of a container), so a server on a unix socket must
+    listen on nothing else."""
+    pids = subprocess.run(["docker", "top", container_id, "-eo", "pid"], capture_output=True, text=True,
+                          timeout=30).stdout.split()[1:]
+    inodes = set()
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir() if fds.is_dir() else ():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:           # LISTEN, one of theirs
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 @pytest.mark.parametrize("impl", SERVERS)
 def test_server_in_container(impl: str) -> None:
     req = ExportRequest(size=1 << 20, content="pattern")
@@ -46,6 +73,7 @@ def test_server_in_container(impl: str) -> None:
         assert "7.2" in s.versions.get("binary", "") or impl == "nbdkit" or impl == "nbd-server"
         assert s.versions["package"].split()[0] in ("qemu-utils", "qemu-system-common", "nbdkit", "nbd-server")
         assert_serves(s, req)
+        assert s.transport == "unix" and tcp_listen_ports(s.handle) == set()
     assert not s.alive()
     assert run_containers() == before, "stop() must remove the container"
 
@@ -59,6 +87,7 @@ def test_qemu_52_tls_goes_over_tcp(tmp_path_factory: pytest.TempPathFactory) -> 
     with start_server(server_spec("qemu-nbd", "docker", "bullseye"), req, workdir=export_workdir("q52"),
                       tls=material) as s:
         assert s.transport == "tcp" and s.uri.startswith("nbds://127.0.0.1:")
+        assert tcp_listen_ports(s.handle) == {s.port}        # what a unix server's check would see
         host = client_runner(PeerSpec(id="h", implementation="nbdinfo", role="client", version="",
                                       launcher="local"), workdir=s.workdir)
         res = host.run(host.tool_argv("nbdinfo", s, "--size"), timeout=20)
